@@ -1,0 +1,65 @@
+"""Kernels behind `qkv.attention`, and the dispatch that picks one.
+
+Every kernel takes the same validated `Problem` and returns an `AttentionOutput`; each may
+declare, through `unsupported(problem)`, why it cannot run a problem. `select` walks the
+kernels from fastest to most general and returns the first that can, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .._types import AttentionOutput, Problem
+from . import fused, reference, tiled
+
+__all__ = ["KERNELS", "KernelChoice", "select"]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Problem], AttentionOutput]
+    unsupported: Callable[[Problem], str | None]
+
+
+# From fastest to most general; the reference kernel runs everything.
+KERNELS: dict[str, Kernel] = {
+    "fused": Kernel("fused", fused.run, fused.unsupported),
+    "tiled": Kernel("tiled", tiled.run, tiled.unsupported),
+    "reference": Kernel("reference", reference.run, lambda p: None),
+}
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which kernel runs a call and why (see `qkv.explain`)."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+def select(p: Problem, kernel: str = "auto") -> KernelChoice:
+    """Pick the kernel for a problem; `kernel` forces one (ValueError if it cannot run it)."""
+    if kernel != "auto":
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}; got {kernel!r}")
+        why_not = KERNELS[kernel].unsupported(p)
+        if why_not is not None:
+            raise ValueError(f"kernel={kernel!r} cannot run this call: {why_not}")
+        return KernelChoice(kernel, "forced by kernel=")
+    skipped = []
+    for name, k in KERNELS.items():
+        why_not = k.unsupported(p)
+        if why_not is None:
+            reason = "fastest kernel that supports this call"
+            if skipped:
+                reason += " (" + "; ".join(skipped) + ")"
+            return KernelChoice(name, reason)
+        skipped.append(f"not {name}: {why_not}")
+    raise AssertionError("the reference kernel supports every call")

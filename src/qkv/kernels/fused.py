@@ -1,0 +1,60 @@
+"""The fused kernel: a direct call into torch's `scaled_dot_product_attention`.
+
+Letters: B batch, Hq query heads, Hkv key/value heads, Tq/Tk lengths, D/Dv head dims.
+
+torch's fused kernels are fast but their semantics differ from qkv's in places, so this
+kernel is used only where they coincide (see `unsupported`):
+- `is_causal=True` in torch is *top-left* aligned; qkv's causal is bottom-right. They agree
+  when Tq == Tk, and for Tq == 1 bottom-right causal allows every key (no mask at all).
+  Any other causal case is passed as a dense bool mask.
+- torch cannot return the weights, and its dropout draws from the global generator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._types import AttentionOutput, Problem
+from ..masks import Dense
+from .tiled import BLOCK_K, BLOCK_Q
+
+__all__ = ["run", "unsupported"]
+
+
+def unsupported(p: Problem) -> str | None:
+    """Why this kernel cannot run the problem, or None when it can."""
+    if p.need_weights:
+        return "torch's fused attention cannot return the weights"
+    if p.need_lse:
+        return "torch's fused attention does not return the log-sum-exp"
+    if p.bias is not None:
+        return "a float bias is handled by the reference kernel"
+    if p.dropout_p > 0.0:
+        return "dropout must draw from qkv's generator to be reproducible"
+    if p.mask is None or (p.is_causal and p.Tq in (1, p.Tk)) or isinstance(p.mask, Dense):
+        return None
+    if p.Tq <= BLOCK_Q and p.Tk <= BLOCK_K:
+        return None  # one tile: nothing to skip, a dense mask costs no more
+    return "a structured mask over more than one tile: the tiled kernel skips empty tiles"
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> AttentionOutput:
+    attn_mask, is_causal = None, False
+    if p.is_causal and p.Tq == 1:
+        pass  # bottom-right causal with a single query: every key is visible
+    elif p.is_causal and p.Tq == p.Tk:
+        is_causal = True
+    elif p.mask is not None:
+        # (Bm, Hm, Tq, Tk), broadcast by torch; only masks torch cannot express get here.
+        attn_mask = p.mask.submask(p.Tq, p.Tk, 0, p.Tq, 0, p.Tk, device=q.device)
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        scale=p.scale,
+        enable_gqa=p.Hq != p.Hkv,
+    )  # (B, Hq, Tq, Dv)
+    return AttentionOutput(output=out)

@@ -1,0 +1,90 @@
+"""Tile plans: which (query block × key range) pieces of the score matrix need computing.
+
+Letters: B batch, H heads, Tq/Tk lengths, bq/bk block sizes, nq/nk numbers of blocks.
+
+A mask classifies every (bq × bk) tile as EMPTY, FULL or PARTIAL (`Mask.block_kinds`).
+For each block of queries the plan keeps maximal runs of neighbouring key blocks of the
+same kind: a FULL run becomes one segment computed without any mask, a PARTIAL run one
+segment with a small bool mask, and EMPTY tiles are skipped. The segments of a query block
+cover disjoint keys, so their partial results merge exactly through the log-sum-exp:
+
+    lse = logaddexp(lse₁, lse₂),   out = out₁·exp(lse₁ − lse) + out₂·exp(lse₂ − lse)
+
+Tile kinds are aggregated over batch and heads (a tile is FULL only if it is full for every
+sequence and head), so masks that differ per sequence (padding, documents) still produce
+one plan; their segments carry a (Bm, Hm, q, k) mask that broadcasts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import EMPTY, FULL, Mask
+
+__all__ = ["QueryBlock", "Segment", "plan_tiles"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Keys [k0, k1) for one query block; `mask` (Bm, Hm, q, k) bool, None when full."""
+
+    k0: int
+    k1: int
+    mask: torch.Tensor | None
+    has_empty_rows: bool = False  # some query row sees no key of this segment
+
+
+@dataclass(frozen=True)
+class QueryBlock:
+    """Queries [q0, q1) and the key segments they attend to (none: every row is empty)."""
+
+    q0: int
+    q1: int
+    segments: tuple[Segment, ...]
+
+
+def _runs(kinds: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs (start, end, kind) of equal non-EMPTY kinds in a row of tiles."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for j in range(1, len(kinds) + 1):
+        if j == len(kinds) or kinds[j] != kinds[start]:
+            if kinds[start] != EMPTY:
+                runs.append((start, j, kinds[start]))
+            start = j
+    return runs
+
+
+def plan_tiles(
+    mask: Mask | None, Tq: int, Tk: int, block_q: int, block_k: int, device=None
+) -> list[QueryBlock]:
+    """Cut the (Tq, Tk) problem into query blocks and key segments (see module docstring)."""
+    nq, _nk = -(-Tq // block_q), -(-Tk // block_k)
+    if mask is None:
+        whole = (Segment(0, Tk, None),) if Tk > 0 else ()
+        return [QueryBlock(i * block_q, min((i + 1) * block_q, Tq), whole) for i in range(nq)]
+
+    kinds = mask.block_kinds(Tq, Tk, block_q, block_k, device)  # (Bm, Hm, nq, nk)
+    kinds = kinds.flatten(0, 1)  # (Bm·Hm, nq, nk)
+    all_empty = (kinds == EMPTY).all(0)  # (nq, nk): skip only if empty everywhere
+    all_full = (kinds == FULL).all(0)  # (nq, nk): unmasked only if full everywhere
+    merged = torch.where(all_empty, EMPTY, torch.where(all_full, FULL, 1)).tolist()
+
+    blocks = []
+    for i in range(nq):
+        q0, q1 = i * block_q, min((i + 1) * block_q, Tq)
+        segments = []
+        for j0, j1, kind in _runs(merged[i]):
+            k0, k1 = j0 * block_k, min(j1 * block_k, Tk)
+            if kind == FULL:
+                segments.append(Segment(k0, k1, None))
+                continue
+            sub = mask.submask(Tq, Tk, q0, q1, k0, k1, device)  # (Bm, Hm, q, k)
+            row_any = sub.any(-1)  # (Bm, Hm, q)
+            if not row_any.any():
+                continue  # the classification was conservative: nothing here after all
+            segments.append(Segment(k0, k1, sub, has_empty_rows=not bool(row_any.all())))
+        blocks.append(QueryBlock(q0, q1, tuple(segments)))
+    return blocks
