@@ -7,11 +7,22 @@ out = qkv.attention(q, k, v, causal=True)                 # (2, 8, 128, 64)
 out, w, lse = qkv.attention(q, k, v, mask=qkv.masks.window(16), return_weights=True)
 """
 
-from . import masks
+from . import interop, masks, nn
 from . import numpy as numpy  # the float64 NumPy reference: qkv.numpy.attention_forward
 from ._types import AttentionOutput
 from .functional import attention, explain
 from .kernels import KernelChoice
+from .nn import MultiHeadAttention
 
-__all__ = ["AttentionOutput", "KernelChoice", "attention", "explain", "masks", "numpy"]
+__all__ = [
+    "AttentionOutput",
+    "KernelChoice",
+    "MultiHeadAttention",
+    "attention",
+    "explain",
+    "interop",
+    "masks",
+    "nn",
+    "numpy",
+]
 __version__ = "0.1.0"
