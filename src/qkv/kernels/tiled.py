@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from .._types import AttentionOutput, Problem
-from .tiles import QueryBlock, Segment, plan_tiles
+from . import stacked
+from .tiles import QueryBlock, Segment, group_jobs, plan_tiles
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "run", "unsupported"]
 
@@ -91,14 +92,14 @@ def _keep(shape, p: Problem, seed: int, blk, seg, device) -> torch.Tensor:
 
 
 def _token_major(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, D) viewed over (B, T, H, D) storage (a no-op when it already is).
+    """(B, H, T, D) -> contiguous (B, T, H, D) (no copy when it is already laid out so).
 
     torch's fused CPU kernel works in (B, T, H, D) order; a slice x[:, :, t0:t1] of such
     storage is one contiguous block, whereas slicing (B, H, T, D) storage makes the kernel
     copy far more than the slice (measured: 50× slower per tile). Tensors that come from
     a projection viewed as (B, T, H, D) and transposed are already laid out this way.
     """
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.transpose(1, 2).contiguous()
 
 
 class _Inputs:
@@ -117,11 +118,14 @@ class _Inputs:
             q, k = (torch.nn.functional.pad(t, (0, width - p.D)) for t in (q, k))
         if p.Dv < width:
             v = torch.nn.functional.pad(v, (0, width - p.Dv))
-        self.q, self.k, self.v = (_token_major(t) for t in (q, k, v))
+        # (B, T, H, W) storage, and (B, H, T, W) views of it for the per-tile loop
+        self.q_tm, self.k_tm, self.v_tm = (_token_major(t) for t in (q, k, v))
+        self.q, self.k, self.v = (t.transpose(1, 2) for t in (self.q_tm, self.k_tm, self.v_tm))
         self.width = width
 
 
 def _zeros_token_major(B, H, T, D, *, like: torch.Tensor, dtype) -> torch.Tensor:
+    """(B, H, T, D) zeros viewed over (B, T, H, D) storage."""
     return torch.zeros(B, T, H, D, dtype=dtype, device=like.device).transpose(1, 2)
 
 
@@ -235,14 +239,29 @@ def _accumulate_bias(grads, bias, dbias, blk, seg):
     gb[:, :, rows, cols] += dbias.to(gb.dtype)
 
 
+def _stacked(engine: str, bias) -> bool:
+    """Whether the batched job executor applies (fused engine, no bias to slice)."""
+    return engine == "fused" and bias is None
+
+
 class _Tiled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, p, plan, seed, engine):
         x = _Inputs(q, k, v, p)
-        out, lse = _forward(x, p, bias, plan, seed, engine)
+        if _stacked(engine, bias):
+            jobs = group_jobs(plan, p.Hq)
+            stat = _stat_dtype(q.dtype)
+            out = q.new_zeros(p.B, p.Tq, p.Hq, x.width, dtype=stat)  # token-major
+            lse = q.new_full((p.B, p.Tq, p.Hq), float("-inf"), dtype=stat)
+            stacked.forward(x, jobs, p.scale, out, lse)
+            out, lse = out.transpose(1, 2), lse.transpose(1, 2)  # (B, Hq, Tq, ·)
+        else:
+            jobs = None
+            out, lse = _forward(x, p, bias, plan, seed, engine)
         out = out[..., : p.Dv].to(q.dtype)  # (B, Hq, Tq, Dv)
+        lse = lse.contiguous()
         ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.p, ctx.plan, ctx.seed, ctx.engine = p, plan, seed, engine
+        ctx.p, ctx.plan, ctx.jobs, ctx.seed, ctx.engine = p, plan, jobs, seed, engine
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -257,19 +276,33 @@ class _Tiled(torch.autograd.Function):
         pad = x.width - p.Dv
         if pad:
             dout, out = (torch.nn.functional.pad(t, (0, pad)) for t in (dout, out))
-        dout, out = _token_major(dout), _token_major(out)
         stat = _stat_dtype(q.dtype)  # accumulate in float32+ whatever the input dtype
         grads = {
             "q": _zeros_token_major(p.B, p.Hq, p.Tq, x.width, like=q, dtype=stat),
             "k": _zeros_token_major(p.B, p.Hq, p.Tk, x.width, like=q, dtype=stat),
             "v": _zeros_token_major(p.B, p.Hq, p.Tk, x.width, like=q, dtype=stat),
         }
-        if bias_grad:
-            shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
-            grads["bias"] = torch.zeros(shape4, dtype=_stat_dtype(q.dtype), device=q.device)
-        for blk in ctx.plan:
-            for seg in blk.segments:
-                _segment_backward(x, p, bias, blk, seg, ctx.seed, engine, dout, out, lse, grads)
+        if _stacked(engine, bias) and ctx.jobs is not None:
+            # rows that see nothing: lse +inf makes the recomputed weights exp(S − lse) 0
+            lse_safe = torch.where(torch.isneginf(lse), float("inf"), lse)
+            tm = {name: g.transpose(1, 2) for name, g in grads.items()}  # (B, T, H, W)
+            stacked.backward(
+                x,
+                ctx.jobs,
+                p.scale,
+                _token_major(dout),
+                _token_major(out),
+                lse_safe.transpose(1, 2),
+                tm,
+            )
+        else:
+            if bias_grad:
+                shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+                grads["bias"] = torch.zeros(shape4, dtype=stat, device=q.device)
+            dout, out = _token_major(dout).transpose(1, 2), _token_major(out).transpose(1, 2)
+            for blk in ctx.plan:
+                for seg in blk.segments:
+                    _segment_backward(x, p, bias, blk, seg, ctx.seed, engine, dout, out, lse, grads)
         group = p.group
         dq = grads["q"][..., : p.D].to(q.dtype)
         # kv heads were shared by `group` query heads: their gradients add up

@@ -23,7 +23,7 @@ import torch
 
 from ..masks import EMPTY, FULL, Mask
 
-__all__ = ["QueryBlock", "Segment", "plan_tiles"]
+__all__ = ["Job", "QueryBlock", "Segment", "group_jobs", "plan_tiles"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,54 @@ def plan_tiles(
             segments.append(Segment(k0, k1, sub, has_empty_rows=not bool(row_any.all())))
         blocks.append(QueryBlock(q0, q1, tuple(segments)))
     return blocks
+
+
+@dataclass(frozen=True)
+class Job:
+    """Segments of several query blocks that one fused call computes side by side.
+
+    Block i covers queries [q_starts[i], q_starts[i] + rows) against keys
+    [k_starts[i], k_starts[i] + keys); each block appears at most once in a job, so their
+    results can be merged back into the output without collisions. `masks` holds one
+    (Bm, Hm, rows, keys) bool tensor per block, or is None for full segments.
+    """
+
+    q_starts: tuple[int, ...]
+    k_starts: tuple[int, ...]
+    rows: int
+    keys: int
+    masks: tuple[torch.Tensor, ...] | None
+
+
+# A job gathers copies of its keys and values: n · keys token-heads each. This bounds that
+# copy (and the job's float mask) to a few tens of MB at D = 64.
+_JOB_TOKENS = 1 << 18
+
+
+def group_jobs(plan: list[QueryBlock], heads: int) -> list[Job]:
+    """Batch the plan's segments into jobs of equal shape (one fused call each).
+
+    A sliding window cut into 64-row blocks has hundreds of identical segments; running
+    them as one call instead of hundreds removes the per-call cost, which dominates at
+    this size (measured: 0.3 ms per call against ~0.05 ms of arithmetic per tile).
+    """
+    groups: dict[tuple[int, int, int, bool], list[tuple[int, Segment]]] = {}
+    for blk in plan:
+        for ordinal, seg in enumerate(blk.segments):
+            key = (ordinal, blk.q1 - blk.q0, seg.k1 - seg.k0, seg.mask is not None)
+            groups.setdefault(key, []).append((blk.q0, seg))
+    jobs = []
+    for (_, rows, keys, masked), items in groups.items():
+        per_job = max(1, _JOB_TOKENS // max(1, keys * heads))
+        for start in range(0, len(items), per_job):
+            chunk = items[start : start + per_job]
+            jobs.append(
+                Job(
+                    q_starts=tuple(q0 for q0, _ in chunk),
+                    k_starts=tuple(seg.k0 for _, seg in chunk),
+                    rows=rows,
+                    keys=keys,
+                    masks=tuple(seg.mask for _, seg in chunk) if masked else None,
+                )
+            )
+    return jobs
