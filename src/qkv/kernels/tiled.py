@@ -250,10 +250,8 @@ class _Tiled(torch.autograd.Function):
         x = _Inputs(q, k, v, p)
         if _stacked(engine, bias):
             jobs = group_jobs(plan, p.Hq)
-            stat = _stat_dtype(q.dtype)
-            out = q.new_zeros(p.B, p.Tq, p.Hq, x.width, dtype=stat)  # token-major
-            lse = q.new_full((p.B, p.Tq, p.Hq), float("-inf"), dtype=stat)
-            stacked.forward(x, jobs, p.scale, out, lse)
+            shape = (p.B, p.Tq, p.Hq, x.width)
+            out, lse = stacked.forward(x, jobs, p.scale, shape, _stat_dtype(q.dtype))
             out, lse = out.transpose(1, 2), lse.transpose(1, 2)  # (B, Hq, Tq, ·)
         else:
             jobs = None
