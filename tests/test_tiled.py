@@ -258,3 +258,29 @@ def test_strided_and_gathered_jobs_agree(mask_name, monkeypatch):
     gathered = run()
     for a, b in zip(strided, gathered, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_decoding_with_a_window_reads_only_the_window(monkeypatch):
+    """Tq = 1 against a long cache: only the window's keys are copied, gradients go home."""
+    from qkv.kernels import tiles
+
+    kept = []
+    original = tiles.compact_keys
+
+    def spy(jobs, Tk, device=None):
+        positions, renumbered = original(jobs, Tk, device)
+        kept.append(None if positions is None else positions.numel())
+        return positions, renumbered
+
+    monkeypatch.setattr("qkv.kernels.tiled.compact_keys", spy)
+    q, k, v = make_qkv((2, 4, 2, 1, 300, 16, 16), torch.float64)
+    res = run_tiled(q, k, v, mask=masks.window(20))
+    res.output.sum().backward()
+    assert kept and kept[0] is not None and kept[0] < 300
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    want = qkv.attention(q2, k2, v2, mask=masks.window(20), kernel="reference")
+    want.sum().backward()
+    torch.testing.assert_close(res.output, want)
+    for got, ref in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(got, ref)
+    assert (k.grad[:, :, :279] == 0).all()  # keys outside the window get no gradient

@@ -27,7 +27,7 @@ import torch
 
 from .._types import AttentionOutput, Problem
 from . import stacked
-from .tiles import QueryBlock, Segment, group_jobs, plan_tiles
+from .tiles import QueryBlock, Segment, compact_keys, group_jobs, plan_tiles
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "run", "unsupported"]
 
@@ -105,12 +105,14 @@ def _token_major(x: torch.Tensor) -> torch.Tensor:
 class _Inputs:
     """q, k, v prepared for the fused kernel: token-major, kv heads expanded, one head dim."""
 
-    def __init__(self, q, k, v, p: Problem):
-        group = p.group
+    def __init__(self, q, k, v, p: Problem, keys: torch.Tensor | None = None):
+        if keys is not None:  # only the keys the plan reads (see tiles.compact_keys)
+            k, v = k.index_select(2, keys), v.index_select(2, keys)
+        group, Tk = p.group, k.shape[2]
         # (B, Hkv, Tk, D) -> (B, Hq, Tk, D): query head h reads kv head h // group
         if group > 1:
-            k = k[:, :, None].expand(p.B, p.Hkv, group, p.Tk, p.D).flatten(1, 2)
-            v = v[:, :, None].expand(p.B, p.Hkv, group, p.Tk, p.Dv).flatten(1, 2)
+            k = k[:, :, None].expand(p.B, p.Hkv, group, Tk, p.D).flatten(1, 2)
+            v = v[:, :, None].expand(p.B, p.Hkv, group, Tk, p.Dv).flatten(1, 2)
         # the fused kernel wants one head size: zero-pad the smaller side (no effect on
         # scores q·k, nor on the output columns we keep)
         width = max(p.D, p.Dv)
@@ -247,19 +249,24 @@ def _stacked(engine: str, bias) -> bool:
 class _Tiled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, p, plan, seed, engine):
-        x = _Inputs(q, k, v, p)
+        keys = None
         if _stacked(engine, bias):
             jobs = group_jobs(plan, p.Hq)
+            if not k.transpose(1, 2).is_contiguous():  # else every key is a free view
+                keys, jobs = compact_keys(jobs, p.Tk, device=k.device)
+            x = _Inputs(q, k, v, p, keys)
             shape = (p.B, p.Tq, p.Hq, x.width)
             out, lse = stacked.forward(x, jobs, p.scale, shape, _stat_dtype(q.dtype))
             out, lse = out.transpose(1, 2), lse.transpose(1, 2)  # (B, Hq, Tq, ·)
         else:
             jobs = None
+            x = _Inputs(q, k, v, p)
             out, lse = _forward(x, p, bias, plan, seed, engine)
         out = out[..., : p.Dv].to(q.dtype)  # (B, Hq, Tq, Dv)
         lse = lse.contiguous()
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.p, ctx.plan, ctx.jobs, ctx.seed, ctx.engine = p, plan, jobs, seed, engine
+        ctx.keys = keys
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -270,17 +277,18 @@ class _Tiled(torch.autograd.Function):
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         if bias_grad:
             engine = "math"  # the fused backward returns no gradient for the mask
-        x = _Inputs(q, k, v, p)
+        use_jobs = _stacked(engine, bias) and ctx.jobs is not None
+        x = _Inputs(q, k, v, p, ctx.keys if use_jobs else None)
         pad = x.width - p.Dv
         if pad:
             dout, out = (torch.nn.functional.pad(t, (0, pad)) for t in (dout, out))
         stat = _stat_dtype(q.dtype)  # accumulate in float32+ whatever the input dtype
         grads = {
             "q": _zeros_token_major(p.B, p.Hq, p.Tq, x.width, like=q, dtype=stat),
-            "k": _zeros_token_major(p.B, p.Hq, p.Tk, x.width, like=q, dtype=stat),
-            "v": _zeros_token_major(p.B, p.Hq, p.Tk, x.width, like=q, dtype=stat),
+            "k": _zeros_token_major(p.B, p.Hq, x.k.shape[2], x.width, like=q, dtype=stat),
+            "v": _zeros_token_major(p.B, p.Hq, x.k.shape[2], x.width, like=q, dtype=stat),
         }
-        if _stacked(engine, bias) and ctx.jobs is not None:
+        if use_jobs:
             # rows that see nothing: lse +inf makes the recomputed weights exp(S − lse) 0
             lse_safe = torch.where(torch.isneginf(lse), float("inf"), lse)
             tm = {name: g.transpose(1, 2) for name, g in grads.items()}  # (B, T, H, W)
@@ -301,6 +309,10 @@ class _Tiled(torch.autograd.Function):
             for blk in ctx.plan:
                 for seg in blk.segments:
                     _segment_backward(x, p, bias, blk, seg, ctx.seed, engine, dout, out, lse, grads)
+        if use_jobs and ctx.keys is not None:  # back from the compacted keys to all Tk
+            for name in ("k", "v"):
+                full = torch.zeros(p.B, p.Hq, p.Tk, x.width, dtype=stat, device=q.device)
+                grads[name] = full.index_copy_(2, ctx.keys, grads[name])
         group = p.group
         dq = grads["q"][..., : p.D].to(q.dtype)
         # kv heads were shared by `group` query heads: their gradients add up

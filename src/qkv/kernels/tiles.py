@@ -23,7 +23,7 @@ import torch
 
 from ..masks import EMPTY, FULL, PARTIAL, Mask
 
-__all__ = ["Job", "QueryBlock", "Segment", "group_jobs", "plan_tiles"]
+__all__ = ["Job", "QueryBlock", "Segment", "compact_keys", "group_jobs", "plan_tiles"]
 
 
 @dataclass(frozen=True)
@@ -172,3 +172,32 @@ def group_jobs(plan: list[QueryBlock], heads: int) -> list[Job]:
                 )
             )
     return jobs
+
+
+def compact_keys(jobs: list[Job], Tk: int, device=None) -> tuple[torch.Tensor | None, list[Job]]:
+    """The key positions the jobs read, and the jobs renumbered onto them.
+
+    A query block against a long KV cache (decoding with a sliding window) reads a few
+    hundred of many thousand keys; copying just those into the kernel's layout costs far
+    less than converting the whole cache. Returns (None, jobs) when the jobs read every key.
+    """
+    covered = torch.zeros(Tk, dtype=torch.bool)
+    for job in jobs:
+        for k0 in set(job.k_starts):
+            covered[k0 : k0 + job.keys] = True
+    if bool(covered.all()):
+        return None, jobs
+    positions = covered.nonzero().flatten()  # (U,) sorted
+    rank = torch.cumsum(covered, 0) - 1  # position -> index among the kept keys
+    renumbered = [
+        Job(
+            ordinal=job.ordinal,
+            q_starts=job.q_starts,
+            k_starts=tuple(int(rank[k0]) for k0 in job.k_starts),
+            rows=job.rows,
+            keys=job.keys,
+            masks=job.masks,
+        )
+        for job in jobs
+    ]
+    return positions.to(device), renumbered

@@ -1,0 +1,348 @@
+"""Benchmarks: qkv against torch's own attention, measured in one process.
+
+Letters: B batch, H heads, Tq/Tk lengths, D head dim.
+
+Every case times its contenders *interleaved* (one call of each in turn, repeated) and
+reports medians, so that a slow moment of the machine hits all of them alike. Contenders:
+
+- qkv        `qkv.attention` with the structured mask (what a user writes)
+- sdpa       torch's `scaled_dot_product_attention` where its own options express the case
+- sdpa-mask  the same with the mask materialised as a dense bool (B, H|1, Tq, Tk) matrix
+- flex       FlexAttention compiled with a block mask (compile time reported apart)
+- naive      matmul · softmax · matmul with the dense mask (the textbook code)
+
+"GEMM %" is the throughput of a contender on the FLOPs the mask actually needs (4·D per
+allowed (query, key) pair forward, 2.5× that forward+backward), as a fraction of a large
+matrix multiply measured in the same run.
+
+    python -m qkv.bench            # the full suite (a few minutes on 2 cores)
+    python -m qkv.bench --quick    # seconds; smaller sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import qkv
+from qkv import masks
+
+__all__ = ["Case", "gemm_throughput", "main", "run_case"]
+
+
+@dataclass
+class Case:
+    """One benchmark: inputs, the mask in qkv's and torch's terms, and what to measure."""
+
+    name: str
+    B: int
+    H: int
+    Tq: int
+    Tk: int
+    D: int = 64
+    dtype: torch.dtype = torch.float32
+    mask: masks.Mask | None = None
+    causal: bool = False  # qkv's (bottom-right) causal; torch's is_causal when Tq == Tk
+    backward: bool = False
+    flex: bool = False  # also time FlexAttention (compiles on first use)
+    contenders: tuple[str, ...] = ("qkv", "sdpa", "sdpa-mask", "naive")
+    results: dict = field(default_factory=dict)
+
+    def allowed(self) -> torch.Tensor | None:
+        """The dense bool mask torch needs, (Bm, 1, Tq, Tk); None if nothing is masked."""
+        m = masks.combine(masks.causal() if self.causal else None, self.mask)
+        if m is None:
+            return None
+        return m.submask(self.Tq, self.Tk, 0, self.Tq, 0, self.Tk)
+
+    def pairs(self) -> float:
+        """Allowed (query, key) pairs over batch and heads: what the arithmetic must cover."""
+        allowed = self._count_allowed()
+        return allowed * self.H
+
+    def _count_allowed(self) -> float:
+        m = masks.combine(masks.causal() if self.causal else None, self.mask)
+        if m is None:
+            return float(self.B * self.Tq * self.Tk)
+        total = 0.0
+        step = 1024  # count row blocks at a time: never the whole matrix in memory
+        for q0 in range(0, self.Tq, step):
+            q1 = min(q0 + step, self.Tq)
+            total += float(
+                m.submask(self.Tq, self.Tk, q0, q1, 0, self.Tk)
+                .expand(self.B, 1, q1 - q0, self.Tk)
+                .sum()
+            )
+        return total
+
+
+def _inputs(c: Case, grad: bool):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(c.B, c.H, c.Tq, c.D), (c.B, c.H, c.Tk, c.D), (c.B, c.H, c.Tk, c.D)]
+    return [torch.randn(s, generator=g).to(c.dtype).requires_grad_(grad) for s in shapes]
+
+
+def _naive(q, k, v, allowed):
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v
+
+
+def _flex(c: Case):
+    """A compiled FlexAttention call for the case, and the seconds compiling took."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    m = masks.combine(masks.causal() if c.causal else None, c.mask)
+    dense = None if m is None else m.submask(c.Tq, c.Tk, 0, c.Tq, 0, c.Tk)[:, 0]  # (Bm,Tq,Tk)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return dense[b if dense.shape[0] > 1 else 0, q_idx, kv_idx]
+
+    block = None
+    if dense is not None:
+        block = create_block_mask(
+            mask_mod,
+            B=dense.shape[0] if dense.shape[0] > 1 else None,
+            H=None,
+            Q_LEN=c.Tq,
+            KV_LEN=c.Tk,
+            device="cpu",
+        )
+    compiled = torch.compile(flex_attention, dynamic=False)
+    q, k, v = _inputs(c, c.backward)
+    t0 = time.perf_counter()
+    out = compiled(q, k, v, block_mask=block)
+    if c.backward:
+        out.sum().backward()
+    return (lambda q, k, v: compiled(q, k, v, block_mask=block)), time.perf_counter() - t0
+
+
+def _callables(c: Case) -> dict[str, Callable]:
+    allowed = c.allowed() if {"sdpa-mask", "naive"} & set(c.contenders) else None
+    torch_causal = c.causal and c.mask is None and c.Tq == c.Tk
+    calls: dict[str, Callable] = {
+        "qkv": lambda q, k, v: qkv.attention(q, k, v, mask=c.mask, causal=c.causal),
+    }
+    if "sdpa" in c.contenders and (c.mask is None and (not c.causal or torch_causal)):
+        calls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=torch_causal
+        )
+    if "sdpa-mask" in c.contenders and allowed is not None:
+        calls["sdpa-mask"] = lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed
+        )
+    if "naive" in c.contenders:
+        calls["naive"] = lambda q, k, v: _naive(q, k, v, allowed)
+    return calls
+
+
+def _time_interleaved(calls: dict[str, Callable], c: Case, repeats: int) -> dict[str, float]:
+    inputs = {name: _inputs(c, c.backward) for name in calls}
+
+    def once(name):
+        q, k, v = inputs[name]
+        t0 = time.perf_counter()
+        out = calls[name](q, k, v)
+        if c.backward:
+            out.backward(torch.ones_like(out))
+            for t in (q, k, v):
+                t.grad = None
+        return time.perf_counter() - t0
+
+    for name in calls:  # warm-up: first calls allocate and build caches
+        once(name)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name in calls:
+            times[name].append(once(name))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def gemm_throughput(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n×n×n matrix multiply in `dtype` (median of `repeats`)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def run_case(c: Case, repeats: int, gemm: float) -> Case:
+    calls = _callables(c)
+    compile_s = None
+    if c.flex:
+        try:
+            calls["flex"], compile_s = _flex(c)
+        except Exception as err:  # FlexAttention needs a compiler; report, do not fail
+            c.results["flex-error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+    medians = _time_interleaved(calls, c, repeats)
+    flops = 4 * c.D * c.pairs() * (2.5 if c.backward else 1.0)
+    base = medians.get("sdpa", medians.get("sdpa-mask"))
+    for name, t in medians.items():
+        c.results[name] = {
+            "seconds": t,
+            "vs_sdpa": (t / base) if base else None,
+            "gemm_fraction": flops / t / gemm,
+        }
+    if compile_s is not None:
+        c.results["flex-compile-seconds"] = compile_s
+    return c
+
+
+def suite(quick: bool) -> list[Case]:
+    s = 4 if quick else 1  # quick runs shrink lengths
+    docs_T = 16384 // s
+    ids = (torch.arange(docs_T) * 4 // docs_T)[None]
+    return [
+        Case("dense", 1, 8, 2048 // s, 2048 // s, contenders=("qkv", "sdpa", "naive")),
+        Case(
+            "dense fwd+bwd",
+            1,
+            8,
+            2048 // s,
+            2048 // s,
+            backward=True,
+            contenders=("qkv", "sdpa", "naive"),
+        ),
+        Case("causal", 1, 8, 2048 // s, 2048 // s, causal=True),
+        Case("causal fwd+bwd", 1, 8, 2048 // s, 2048 // s, causal=True, backward=True),
+        Case(
+            "window 256",
+            1,
+            4,
+            16384 // s,
+            16384 // s,
+            mask=masks.window(255),
+            flex=not quick,
+            contenders=("qkv", "sdpa-mask"),
+        ),
+        Case(
+            "window 256 fwd+bwd",
+            1,
+            4,
+            16384 // s,
+            16384 // s,
+            mask=masks.window(255),
+            backward=True,
+            contenders=("qkv", "sdpa-mask"),
+        ),
+        Case(
+            "4 documents, causal",
+            1,
+            4,
+            docs_T,
+            docs_T,
+            mask=masks.document(ids),
+            causal=True,
+            flex=not quick,
+            contenders=("qkv", "sdpa-mask"),
+        ),
+        Case(
+            "padding",
+            8,
+            8,
+            1024 // s,
+            1024 // s,
+            mask=masks.padding([1024 // s, 700 // s, 300 // s, 900 // s] * 2),
+        ),
+        Case("decode Tq=1", 4, 8, 1, 32768 // s, causal=True, contenders=("qkv", "sdpa")),
+        Case(
+            "decode Tq=1, window",
+            4,
+            8,
+            1,
+            32768 // s,
+            mask=masks.window(1023),
+            contenders=("qkv", "sdpa-mask"),
+        ),
+        Case(
+            "dense bf16",
+            1,
+            8,
+            2048 // s,
+            2048 // s,
+            dtype=torch.bfloat16,
+            contenders=("qkv", "sdpa", "naive"),
+        ),
+    ]
+
+
+def format_table(cases: list[Case], gemm: dict) -> str:
+    lines = [
+        "| case | shape (B, H, Tq, Tk, D) | contender | time | × sdpa | GEMM % |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for c in cases:
+        shape = f"({c.B}, {c.H}, {c.Tq}, {c.Tk}, {c.D}) {str(c.dtype).replace('torch.', '')}"
+        for name, r in c.results.items():
+            if not isinstance(r, dict):
+                continue
+            ratio = f"{r['vs_sdpa']:.2f}" if r["vs_sdpa"] else "—"
+            lines.append(
+                f"| {c.name} | {shape} | {name} | {r['seconds'] * 1e3:.1f} ms | {ratio} | "
+                f"{100 * r['gemm_fraction']:.0f}% |"
+            )
+        if "flex-compile-seconds" in c.results:
+            lines.append(
+                f"| {c.name} | | flex compile | {c.results['flex-compile-seconds']:.1f} s | | |"
+            )
+    header = (
+        f"{datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; GEMM "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items())
+    )
+    return header + "\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qkv bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per contender")
+    parser.add_argument("--only", default=None, help="run the cases whose name contains this")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 7)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+    gemm = {
+        "float32": gemm_throughput(torch.float32),
+        "bfloat16": gemm_throughput(torch.bfloat16),
+    }
+    cases = [c for c in suite(args.quick) if args.only is None or args.only in c.name]
+    for c in cases:
+        g = gemm["bfloat16" if c.dtype == torch.bfloat16 else "float32"]
+        run_case(c, repeats, g)
+        print(
+            f"{c.name}: "
+            + ", ".join(
+                f"{k} {v['seconds'] * 1e3:.1f} ms"
+                for k, v in c.results.items()
+                if isinstance(v, dict)
+            ),
+            flush=True,
+        )
+    table = format_table(cases, gemm)
+    print()
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({c.name: c.results for c in cases} | {"gemm": gemm}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
