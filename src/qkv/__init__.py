@@ -10,7 +10,7 @@ out, w, lse = qkv.attention(q, k, v, mask=qkv.masks.window(16), return_weights=T
 from . import interop, masks, nn
 from . import numpy as numpy  # the float64 NumPy reference: qkv.numpy.attention_forward
 from ._types import AttentionOutput
-from .functional import attention, explain
+from .functional import attention, attention_weights, explain
 from .kernels import KernelChoice
 from .nn import MultiHeadAttention
 
@@ -19,6 +19,7 @@ __all__ = [
     "KernelChoice",
     "MultiHeadAttention",
     "attention",
+    "attention_weights",
     "explain",
     "interop",
     "masks",

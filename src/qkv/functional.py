@@ -12,7 +12,7 @@ from ._types import AttentionOutput
 from ._validate import build_problem
 from .masks import Mask
 
-__all__ = ["attention", "explain"]
+__all__ = ["attention", "attention_weights", "explain"]
 
 
 def attention(
@@ -103,3 +103,85 @@ def explain(q, k, v, **options) -> kernels.KernelChoice:
         raise TypeError(f"explain got unexpected options {sorted(unknown)}")
     problem = build_problem(q, k, v, **{**defaults, **options})
     return kernels.select(problem, kernel)
+
+
+def _index(x, name: str, size: int) -> torch.Tensor:
+    """heads= / rows= as a LongTensor of valid indices (None: all)."""
+    if x is None:
+        return torch.arange(size)
+    if isinstance(x, slice):
+        return torch.arange(size)[x]
+    if isinstance(x, int) and not isinstance(x, bool):
+        x = [x]
+    if isinstance(x, (list, tuple)) and not x:
+        return torch.zeros(0, dtype=torch.long)
+    t = torch.as_tensor(x)
+    if t.dtype == torch.bool or t.is_floating_point() or t.dim() != 1:
+        raise TypeError(f"{name} must be an int, a slice or a 1-D sequence of ints; got {x!r}")
+    if t.numel() and (int(t.min()) < -size or int(t.max()) >= size):
+        raise ValueError(f"{name} must index into {size}; got {t.tolist()[:8]}")
+    return t.long() % size if t.numel() else t.long()
+
+
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    heads=None,
+    rows=None,
+    mask: torch.Tensor | Mask | None = None,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The softmax weights of only some heads and query rows: (B, len(heads), len(rows), Tk).
+
+    For looking inside a long sequence without the (B, H, Tq, Tk) matrix: the scores are
+    computed for the chosen rows alone, with the same masks, bias, scale and alignment as
+    `qkv.attention(q, k, v, ...)` on the whole sequence (rows that see nothing give 0).
+
+        w = qkv.attention_weights(q, k, heads=[0, 3], rows=slice(-4, None), causal=True)
+    """
+    p = build_problem(
+        q,
+        k,
+        k,
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        scale=scale,
+        dropout_p=0.0,
+        generator=None,
+        return_weights=True,
+        return_lse=False,
+    )
+    h_idx = _index(heads, "heads", p.Hq).to(q.device)
+    r_idx = _index(rows, "rows", p.Tq).to(q.device)
+    q_sel = q.index_select(1, h_idx).index_select(2, r_idx)  # (B, h, r, D)
+    k_sel = k.index_select(1, h_idx // p.group)  # (B, h, Tk, D): each head's kv head
+    allowed = None
+    if p.mask is not None:
+        # each chosen row keeps its own position (bottom-right alignment uses Tq, Tk)
+        parts = [p.mask.submask(p.Tq, p.Tk, i, i + 1, 0, p.Tk, q.device) for i in r_idx.tolist()]
+        allowed = torch.cat(parts, dim=2) if parts else None  # (Bm, Hm, r, Tk)
+        if allowed is not None and allowed.shape[1] != 1:
+            allowed = allowed.index_select(1, h_idx)
+    sub_bias = None
+    if p.bias is not None:
+        b4 = p.bias.reshape((1,) * (4 - p.bias.dim()) + tuple(p.bias.shape))
+        b4 = b4.index_select(1, h_idx) if b4.shape[1] != 1 else b4
+        sub_bias = b4.index_select(2, r_idx) if b4.shape[2] != 1 else b4
+    sub = build_problem(
+        q_sel,
+        k_sel,
+        k_sel,
+        mask=allowed,
+        bias=sub_bias,
+        causal=False,
+        scale=p.scale,
+        dropout_p=0.0,
+        generator=None,
+        return_weights=True,
+        return_lse=False,
+    )
+    return kernels.KERNELS["reference"].run(q_sel, k_sel, k_sel, sub).weights
