@@ -1,0 +1,86 @@
+"""Measure the tiled kernel's tile sizes: `python benchmarks/tile_sizes.py [--quick]`.
+
+For each workload, times the tiled kernel forward (and forward+backward) with several
+(block_q, block_k) pairs, interleaved, medians. The defaults in qkv/kernels/tiled.py are
+chosen from this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from qkv import masks
+from qkv._validate import build_problem
+from qkv.kernels import tiled
+
+SIZES = [(64, 64), (128, 64), (128, 128), (256, 64), (256, 128), (256, 256), (512, 128)]
+
+
+def workloads(quick: bool):
+    s = 4 if quick else 1
+    T = 16384 // s
+    ids = (torch.arange(T) * 4 // T)[None]
+    return {
+        "window 256": (1, 4, T, masks.window(255), False),
+        "window 1024": (1, 4, T, masks.window(1023), False),
+        "4 documents causal": (1, 4, T, masks.document(ids), True),
+        "causal + lse": (1, 8, 4096 // s, None, True),
+    }
+
+
+def time_sizes(B, H, T, mask, causal, backward, repeats):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, 64, generator=g).requires_grad_(backward) for _ in range(3))
+    p = build_problem(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=None,
+        causal=causal,
+        scale=None,
+        dropout_p=0.0,
+        generator=None,
+        return_weights=False,
+        return_lse=True,
+    )
+
+    def once(bq, bk):
+        t0 = time.perf_counter()
+        out = tiled.run(q, k, v, p, block_q=bq, block_k=bk).output
+        if backward:
+            out.sum().backward()
+        return time.perf_counter() - t0
+
+    for bq, bk in SIZES:
+        once(bq, bk)
+    times = {size: [] for size in SIZES}
+    for _ in range(repeats):
+        for size in SIZES:
+            times[size].append(once(*size))
+    return {size: statistics.median(ts) for size, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print("| workload | pass | " + " | ".join(f"{bq}×{bk}" for bq, bk in SIZES) + " |")
+    print("|---|---|" + "---:|" * len(SIZES))
+    for name, (B, H, T, mask, causal) in workloads(args.quick).items():
+        for backward in (False, True):
+            t = time_sizes(B, H, T, mask, causal, backward, args.repeats)
+            best = min(t.values())
+            cells = [f"{1e3 * t[s]:.0f}{'*' if t[s] == best else ''}" for s in SIZES]
+            label = "fwd+bwd" if backward else "fwd"
+            print(f"| {name} (T={T}) | {label} | " + " | ".join(cells) + " |", flush=True)
+    print("\ntimes in ms, * = fastest")
+
+
+if __name__ == "__main__":
+    main()
