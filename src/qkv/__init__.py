@@ -7,7 +7,7 @@ out = qkv.attention(q, k, v, causal=True)                 # (2, 8, 128, 64)
 out, w, lse = qkv.attention(q, k, v, mask=qkv.masks.window(16), return_weights=True)
 """
 
-from . import interop, masks, nn
+from . import distributed, interop, masks, nn
 from . import numpy as numpy  # the float64 NumPy reference: qkv.numpy.attention_forward
 from ._types import AttentionOutput
 from .functional import attention, attention_weights, explain
@@ -20,6 +20,7 @@ __all__ = [
     "MultiHeadAttention",
     "attention",
     "attention_weights",
+    "distributed",
     "explain",
     "interop",
     "masks",

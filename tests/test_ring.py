@@ -1,0 +1,309 @@
+"""Ring attention on 1, 2 and 4 local processes equals single-process `qkv.attention`.
+
+Each world size is one spawned group (starting a process costs seconds here): every worker
+runs all the cases, compares its shard of the output, log-sum-exp and gradients with the
+same call of `qkv.attention` on the whole sequence, and sends back only the errors.
+float64 runs the math engine and must agree to 1e-10; float32 and bfloat16 run torch's
+fused kernel and may be FACTOR× as far from the float64 truth as `qkv.attention` in the
+same dtype, plus ATOL (the table in conftest.py).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import qkv
+import qkv.distributed as qd
+from conftest import ATOL, FACTOR, max_err
+from qkv.distributed import _blocks
+
+T = 24  # global length: 4 ranks × 6, or 8 zigzag chunks of 3
+WORLDS = (1, 2, 4)
+
+
+def _case(name, dtype="float64", B=1, Hq=2, Hkv=2, T=T, D=7, Dv=7, **options):
+    return dict(name=name, dtype=dtype, B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, Dv=Dv, **options)
+
+
+CASES = [
+    _case(f"{shape}-{layout}-{'causal' if causal else 'full'}", layout=layout, causal=causal, **kw)
+    for layout in qd.LAYOUTS
+    for causal in (False, True)
+    for shape, kw in [
+        ("mha", {}),
+        ("mqa-dv", dict(B=2, Hq=4, Hkv=1, Dv=5)),  # one kv head for 4 query heads, Dv != D
+        ("gqa-padding", dict(B=4, Hq=4, Hkv=2, padding=[19, 0, 7, T])),  # batch 1 sees nothing
+    ]
+] + [
+    _case("no-overlap-zigzag-causal", layout="zigzag", causal=True, overlap=False, B=2, Hq=4),
+    _case("f32-contiguous-causal", "float32", B=2, Hq=4, T=48, D=16, Dv=16, causal=True),
+    _case(
+        "f32-zigzag-causal-padding",
+        "float32",
+        B=2,
+        Hq=4,
+        T=48,
+        D=16,
+        Dv=16,
+        causal=True,
+        layout="zigzag",
+        padding=[40, 13],
+    ),
+    _case("bf16-zigzag-causal", "bfloat16", B=2, Hq=4, T=48, D=16, Dv=16, causal=True),
+]
+
+
+def _run_case(c: dict, rank: int, W: int) -> dict:
+    """This rank's errors for one case: ring vs the float64 truth, and the baseline's."""
+    dtype = getattr(torch, c["dtype"])
+    layout, causal, padding = (
+        c.get("layout", "contiguous"),
+        c.get("causal", False),
+        c.get("padding"),
+    )
+    g = torch.Generator().manual_seed(0)
+    full = [
+        torch.randn(c["B"], c["Hq"], c["T"], c["D"], generator=g, dtype=torch.float64),
+        torch.randn(c["B"], c["Hkv"], c["T"], c["D"], generator=g, dtype=torch.float64),
+        torch.randn(c["B"], c["Hkv"], c["T"], c["Dv"], generator=g, dtype=torch.float64),
+    ]
+    dout = torch.randn(c["B"], c["Hq"], c["T"], c["Dv"], generator=g, dtype=torch.float64)
+    full = [t.to(dtype).double() for t in full]  # the inputs as the tested dtype sees them
+    dout = dout.to(dtype)
+    mask = qkv.masks.padding(padding) if padding is not None else None
+
+    def single(dt):
+        q, k, v = (t.to(dt).requires_grad_() for t in full)
+        res = qkv.attention(q, k, v, causal=causal, mask=mask, return_lse=True)
+        grads = torch.autograd.grad(res.output, (q, k, v), dout.to(dt))
+        return [res.output, res.lse, *grads]
+
+    def shard(x):  # the sequence is dim -2 of (B, H, T, D), dim -1 of the lse (B, H, T)
+        return qd.shard(x.detach(), rank, W, layout=layout, dim=-1 if x.dim() == 3 else -2)
+
+    truth = [shard(x) for x in single(torch.float64)]
+    base = [shard(x) for x in single(dtype)] if dtype != torch.float64 else None
+
+    q, k, v = (shard(t).to(dtype).clone().requires_grad_() for t in full)
+    stats = qd.RingStats()
+    res = qd.ring_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        padding=padding,
+        layout=layout,
+        return_lse=True,
+        overlap=c.get("overlap", True),
+        stats=stats,
+    )
+    grads = torch.autograd.grad(res.output, (q, k, v), shard(dout))
+    got = [res.output, res.lse, *grads]
+    names = ("out", "lse", "dq", "dk", "dv")
+    S = c["T"] // W
+    kv_values = c["B"] * S * c["Hkv"] * (c["D"] + c["Dv"])
+    stat_size = 8 if dtype == torch.float64 else 4
+    return dict(
+        err={n: max_err(a, t) for n, a, t in zip(names, got, truth, strict=True)},
+        base={n: max_err(b, t) for n, b, t in zip(names, base, truth, strict=True)}
+        if base
+        else None,
+        nan=any(bool(torch.isnan(x).any()) for x in got),
+        dtypes=[str(x.dtype) for x in (res.output, *grads)],
+        bytes_sent=stats.bytes_sent,
+        # forward (W-1)·|kv|, backward (W-1)·|kv| + W·|dkv| (dkv in the stat dtype)
+        bytes_expected=(
+            0
+            if W == 1
+            else 2 * (W - 1) * kv_values * torch.finfo(dtype).bits // 8 + W * kv_values * stat_size
+        ),
+    )
+
+
+def _errors_worker() -> dict:
+    """The error messages each rank of a pair gets for bad shards, and a valid call after."""
+    rank = dist.get_rank()
+    x = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    caught = {}
+
+    def attempt(name, *args, **kwargs):
+        try:
+            qd.ring_attention(*args, **kwargs)
+            caught[name] = None
+        except (TypeError, ValueError) as e:
+            caught[name] = (type(e).__name__, str(e))
+
+    longer = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    mine = x if rank == 0 else longer
+    attempt("lengths", mine, mine, mine)
+    kv = x if rank == 0 else x[:, :1]
+    attempt("heads", x, kv, kv)
+    attempt("rank1-3d", x if rank == 0 else x[0], x, x)
+    odd = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+    attempt("zigzag-odd", odd, odd, odd, layout="zigzag", causal=True)
+    attempt("padding-too-long", x, x, x, padding=[9])
+    attempt("causal-differs", x, x, x, causal=rank == 1)
+    attempt("dtype", x, x.float(), x)
+    attempt("layout", x, x, x, layout="striped")
+    # the group is still in step after all these: a valid call works
+    attempt("valid", x, x, x, causal=True)
+    return caught
+
+
+def _ring_worker(with_errors: bool) -> dict:
+    rank, W = dist.get_rank(), dist.get_world_size()
+    results = {"cases": {c["name"]: _run_case(c, rank, W) for c in CASES}}
+    if with_errors:
+        results["errors"] = _errors_worker()
+    return results
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    before = set(multiprocessing.active_children())
+    yield
+    left = set(multiprocessing.active_children()) - before
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def ring_group():
+    """ring_group(W): every rank's results of one spawned W-process group (run once per W)."""
+    cache: dict[int, list] = {}
+
+    def run(W: int) -> list:
+        if W not in cache:
+            cache[W] = qd.run_local(_ring_worker, W, W == 2, timeout=90)
+            assert not multiprocessing.active_children()
+        return cache[W]
+
+    return run
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+@pytest.mark.parametrize("W", WORLDS, ids=lambda w: f"W{w}")
+def test_ring_matches_single_process_attention(ring_group, W, case):
+    per_rank = ring_group(W)
+    dtype = getattr(torch, case["dtype"])
+    for rank, res in enumerate(per_rank):
+        r = res["cases"][case["name"]]
+        assert not r["nan"], f"rank {rank}: NaN"
+        assert r["dtypes"] == [str(dtype)] * 4, f"rank {rank}: dtypes {r['dtypes']}"
+        for what, err in r["err"].items():
+            base = r["base"][what] if r["base"] else 0.0
+            bound = FACTOR * base + ATOL[dtype]
+            assert err <= bound, (
+                f"W={W} rank {rank} {what}: error {err:.3g} > {bound:.3g} (baseline {base:.3g})"
+            )
+        assert r["bytes_sent"] == r["bytes_expected"], f"rank {rank}: bytes sent"
+
+
+def test_error_messages_across_a_pair(ring_group):
+    r0, r1 = (res["errors"] for res in ring_group(2))
+    for caught in (r0, r1):
+        kind, msg = caught["lengths"]
+        assert kind == "ValueError" and "all slices equally long" in msg
+        assert "differing across ranks: S (rank 0: 4, rank 1: 6)" in msg
+        assert "rank 0: q (B=1, Hq=2, S=4, D=8)" in msg and "rank 1: q (B=1, Hq=2, S=6" in msg
+        assert "Hkv (rank 0: 2, rank 1: 1)" in caught["heads"][1]
+        assert "2·world_size" in caught["zigzag-odd"][1] and "S=3" in caught["zigzag-odd"][1]
+        assert "padding" in caught["padding-too-long"][1] and "T=8" in caught["padding-too-long"][1]
+        assert "causal (rank 0: False, rank 1: True)" in caught["causal-differs"][1]
+        assert caught["dtype"][0] == "TypeError" and "one dtype" in caught["dtype"][1]
+        assert "layout must be one of" in caught["layout"][1]
+        assert caught["valid"] is None
+    assert "q must have 4 dimensions" in r1["rank1-3d"][1]
+    assert "rank(s) [1]" in r0["rank1-3d"][1]
+
+
+def test_uninitialised_group_says_what_to_call():
+    assert not dist.is_initialized()
+    x = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match=r"torch\.distributed\.init_process_group"):
+        qd.ring_attention(x, x, x)
+
+
+@pytest.mark.parametrize("layout", qd.LAYOUTS)
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+def test_shard_unshard_round_trip(layout, W):
+    x = torch.arange(2 * 3 * 24 * 2).view(2, 3, 24, 2)
+    shards = [qd.shard(x, r, W, layout=layout) for r in range(W)]
+    assert torch.equal(qd.unshard(shards, layout=layout), x)
+    assert torch.equal(qd.unshard(torch.cat(shards, 2), layout=layout, world_size=W), x)
+    for r, s in enumerate(shards):  # a shard holds the values at its global positions
+        assert torch.equal(s, x[:, :, qd.positions(r, W, 24, layout=layout)])
+    on_dim1 = [qd.shard(x.transpose(1, 2), r, W, layout=layout, dim=1) for r in range(W)]
+    assert torch.equal(qd.unshard(on_dim1, layout=layout, dim=1), x.transpose(1, 2))
+
+
+def test_zigzag_positions_pair_early_and_late_chunks():
+    assert qd.positions(0, 2, 8, layout="zigzag").tolist() == [0, 1, 6, 7]
+    assert qd.positions(1, 2, 8, layout="zigzag").tolist() == [2, 3, 4, 5]
+    assert qd.chunk_ranges(1, 4, 16, layout="zigzag") == [(2, 4), (12, 14)]
+
+
+def test_layout_errors_name_the_argument():
+    x = torch.zeros(1, 1, 12, 4)
+    with pytest.raises(ValueError, match=r"divisible by 8.*length 12 with world_size=4"):
+        qd.shard(x, 0, 4, layout="zigzag")
+    with pytest.raises(ValueError, match="rank must lie in"):
+        qd.shard(x, 3, 3)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        qd.shard(x, 0, 2, layout="striped")
+    with pytest.raises(ValueError, match="world_size="):
+        qd.unshard(x, layout="zigzag")
+    with pytest.raises(ValueError, match="one shape"):
+        qd.unshard([x, x[:, :, :6]])
+
+
+@pytest.mark.parametrize("layout", qd.LAYOUTS)
+@pytest.mark.parametrize("W", [1, 2, 3, 5])
+def test_step_plans_cover_exactly_the_causal_mask(layout, W):
+    """The tiles of every (rank, src) step cover exactly the pairs that global causality
+    and padding allow, and nothing twice (a planning mistake shows here without spawning)."""
+    S, lengths = 6, torch.tensor([0, 4, 17, 30])
+    T = W * S
+    for causal in (False, True):
+        for rank in range(W):
+            qpos = qd.positions(rank, W, T, layout=layout)
+            for src in range(W):
+                kpos = qd.positions(src, W, T, layout=layout)
+                want = kpos[None, None, :] < lengths[:, None, None]  # (B, S, S)
+                if causal:
+                    want = want & (kpos[None, :] <= qpos[:, None])
+                got = torch.zeros(len(lengths), S, S, dtype=torch.int64)
+                for t in _blocks.plan_step(
+                    rank, src, S, layout=layout, causal=causal, key_pos=kpos, lengths=lengths
+                ):
+                    allowed = _blocks._allowed(t, None)
+                    tile = torch.ones(t.q1 - t.q0, t.k1 - t.k0, dtype=torch.bool)
+                    tile = tile if allowed is None else tile & allowed[:, 0]
+                    got[:, t.q0 : t.q1, t.k0 : t.k1] += tile.expand(len(lengths), -1, -1)
+                assert torch.equal(got, want.expand(-1, S, -1).long()), (causal, rank, src)
+
+
+def _raise_on_rank_1():
+    if dist.get_rank() == 1:
+        raise ValueError("boom from rank 1")
+    time.sleep(120)  # rank 0 would wait for ever: the harness must kill it
+
+
+def _sleep():
+    time.sleep(120)
+
+
+def test_worker_error_surfaces_and_peers_are_killed():
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2 failed:(.|\n)*boom from rank 1"):
+        qd.run_local(_raise_on_rank_1, 2, timeout=60)
+    assert time.monotonic() - t0 < 60
+
+
+def test_run_local_times_out():
+    with pytest.raises(TimeoutError, match="did not finish within 3 s"):
+        qd.run_local(_sleep, 1, timeout=3, init=False)
