@@ -26,17 +26,7 @@ from qkv.kernels.tiles import group_jobs, plan_tiles
 
 
 def run_tiled(q, k, v, *, block_q=16, block_k=8, **options):
-    defaults = dict(
-        mask=None,
-        bias=None,
-        causal=False,
-        scale=None,
-        dropout_p=0.0,
-        generator=None,
-        return_weights=False,
-        return_lse=True,
-    )
-    p = build_problem(q, k, v, **{**defaults, **options})
+    p = build_problem(q, k, v, **{"return_lse": True, **options})
     return tiled.run(q, k, v, p, block_q=block_q, block_k=block_k)
 
 

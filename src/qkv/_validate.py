@@ -64,9 +64,20 @@ def _normalise_mask(mask) -> masks.Mask | None:
 
 
 def build_problem(
-    q, k, v, *, mask, bias, causal, scale, dropout_p, generator, return_weights, return_lse
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    bias=None,
+    causal=False,
+    scale=None,
+    dropout_p=0.0,
+    generator=None,
+    return_weights=False,
+    return_lse=False,
 ) -> Problem:
-    """Validate one call of `qkv.attention` and describe it as a `Problem`."""
+    """Validate one call of `qkv.attention` (same options and defaults) as a `Problem`."""
     q = _check_tensor(q, "q", "(B, Hq, Tq, D)")
     k = _check_tensor(k, "k", "(B, Hkv, Tk, D)")
     v = _check_tensor(v, "v", "(B, Hkv, Tk, Dv)")

@@ -88,21 +88,22 @@ def attention(
 def explain(q, k, v, **options) -> kernels.KernelChoice:
     """Which kernel `qkv.attention(q, k, v, **options)` would run, and why; runs nothing."""
     kernel = options.pop("kernel", "auto")
-    defaults = dict(
-        mask=None,
-        bias=None,
-        causal=False,
-        scale=None,
-        dropout_p=0.0,
-        generator=None,
-        return_weights=False,
-        return_lse=False,
-    )
-    unknown = set(options) - set(defaults)
+    unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"explain got unexpected options {sorted(unknown)}")
-    problem = build_problem(q, k, v, **{**defaults, **options})
-    return kernels.select(problem, kernel)
+    return kernels.select(build_problem(q, k, v, **options), kernel)
+
+
+_OPTIONS = {
+    "mask",
+    "bias",
+    "causal",
+    "scale",
+    "dropout_p",
+    "generator",
+    "return_weights",
+    "return_lse",
+}
 
 
 def _index(x, name: str, size: int) -> torch.Tensor:
@@ -142,19 +143,7 @@ def attention_weights(
 
         w = qkv.attention_weights(q, k, heads=[0, 3], rows=slice(-4, None), causal=True)
     """
-    p = build_problem(
-        q,
-        k,
-        k,
-        mask=mask,
-        bias=bias,
-        causal=causal,
-        scale=scale,
-        dropout_p=0.0,
-        generator=None,
-        return_weights=True,
-        return_lse=False,
-    )
+    p = build_problem(q, k, k, mask=mask, bias=bias, causal=causal, scale=scale)
     h_idx = _index(heads, "heads", p.Hq).to(q.device)
     r_idx = _index(rows, "rows", p.Tq).to(q.device)
     q_sel = q.index_select(1, h_idx).index_select(2, r_idx)  # (B, h, r, D)
@@ -172,16 +161,6 @@ def attention_weights(
         b4 = b4.index_select(1, h_idx) if b4.shape[1] != 1 else b4
         sub_bias = b4.index_select(2, r_idx) if b4.shape[2] != 1 else b4
     sub = build_problem(
-        q_sel,
-        k_sel,
-        k_sel,
-        mask=allowed,
-        bias=sub_bias,
-        causal=False,
-        scale=p.scale,
-        dropout_p=0.0,
-        generator=None,
-        return_weights=True,
-        return_lse=False,
+        q_sel, k_sel, k_sel, mask=allowed, bias=sub_bias, scale=p.scale, return_weights=True
     )
     return kernels.KERNELS["reference"].run(q_sel, k_sel, k_sel, sub).weights

@@ -97,19 +97,7 @@ def _lengths(padding, B: int, T: int, device) -> torch.Tensor | None:
 
 
 def _local(q, k, v, *, causal, padding, layout, scale, overlap, world) -> RingSpec:
-    p = build_problem(
-        q,
-        k,
-        v,
-        mask=None,
-        bias=None,
-        causal=causal,
-        scale=scale,
-        dropout_p=0.0,
-        generator=None,
-        return_weights=False,
-        return_lse=False,
-    )
+    p = build_problem(q, k, v, causal=causal, scale=scale)
     if p.Tq == 0:
         raise ValueError(f"ring_attention: the shards must not be empty; got q {tuple(q.shape)}")
     if p.Tq != p.Tk:
