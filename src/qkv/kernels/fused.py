@@ -17,9 +17,19 @@ import torch.nn.functional as F
 
 from .._types import AttentionOutput, Problem
 from ..masks import Dense
-from .tiled import BLOCK_K, BLOCK_Q
+from .tiles import BLOCK_K, BLOCK_Q
 
-__all__ = ["run", "unsupported"]
+__all__ = ["poison", "run", "unsupported"]
+
+
+def poison(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, Tq, 1) zeros, NaN where a query row holds NaN (or inf).
+
+    torch's CPU flash kernel returns output 0 and lse 0 for a query row of NaN scores
+    when there are few keys (up to 15 in torch 2.13) and no mask: a NaN input would turn
+    silently into a zero output. Adding this keeps it NaN, as everywhere else.
+    """
+    return q.sum(-1, keepdim=True) * 0
 
 
 def unsupported(p: Problem) -> str | None:
@@ -57,4 +67,6 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> Attent
         scale=p.scale,
         enable_gqa=p.Hq != p.Hkv,
     )  # (B, Hq, Tq, Dv)
+    if attn_mask is None:
+        out = out + poison(q)  # (B, Hq, Tq, Dv)
     return AttentionOutput(output=out)

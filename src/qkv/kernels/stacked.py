@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .fused import poison
 from .tiles import Job
 
 __all__ = ["backward", "forward"]
@@ -148,6 +149,9 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
                 o, l = _flash(q, k, v, 0.0, False, attn_mask=add, scale=scale)
                 if rows is not None:  # the fused kernel reports lse 0, not -inf, there
                     l = torch.where(rows, l, float("-inf"))
+                if add is None:  # keep a NaN query NaN (see fused.poison)
+                    nan = poison(q)  # (·, H, r, 1)
+                    o, l = o + nan, l + nan[..., 0]
                 o = o.transpose(1, 2)  # (·, r, H, W)
                 l = l.transpose(1, 2)  # (·, r, H)
                 if where[0] == "regular":

@@ -27,15 +27,11 @@ import torch
 
 from .._types import AttentionOutput, Problem
 from . import stacked
-from .tiles import QueryBlock, Segment, compact_keys, group_jobs, plan_tiles
+from .fused import poison
+from .tiles import BLOCK_K, BLOCK_Q, QueryBlock, Segment, compact_keys, group_jobs, plan_tiles
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "run", "unsupported"]
 
-# Tile sizes, measured with benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64): large
-# query blocks amortise the fused kernel's per-call cost; key blocks decide how tightly a
-# structured mask is followed (a window of w keys costs about w + BLOCK_K keys per row).
-BLOCK_Q = 256
-BLOCK_K = 128
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -139,6 +135,9 @@ def _segment_forward(x: _Inputs, p: Problem, bias, blk, seg, seed, engine):
     add = _additive(seg, _slice_bias(bias, blk.q0, blk.q1, seg.k0, seg.k1), q.dtype)
     if engine == "fused":
         out, lse = _flash(q, k, v, 0.0, False, attn_mask=add, scale=p.scale)
+        if add is None:  # keep a NaN query NaN (see fused.poison)
+            nan = poison(q)
+            out, lse = out + nan, lse + nan[..., 0]
         out, lse = out.to(stat), lse.to(stat)
     else:
         s = (q.to(stat) @ k.to(stat).transpose(-2, -1)) * p.scale  # (B, Hq, q, k)

@@ -23,7 +23,22 @@ import torch
 
 from ..masks import EMPTY, FULL, PARTIAL, Mask
 
-__all__ = ["Job", "QueryBlock", "Segment", "compact_keys", "group_jobs", "plan_tiles"]
+__all__ = [
+    "BLOCK_K",
+    "BLOCK_Q",
+    "Job",
+    "QueryBlock",
+    "Segment",
+    "compact_keys",
+    "group_jobs",
+    "plan_tiles",
+]
+
+# Tile sizes, measured with benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64): large
+# query blocks amortise the fused kernel's per-call cost; key blocks decide how tightly a
+# structured mask is followed (a window of w keys costs about w + BLOCK_K keys per row).
+BLOCK_Q = 256
+BLOCK_K = 128
 
 
 @dataclass(frozen=True)
