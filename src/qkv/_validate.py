@@ -57,6 +57,11 @@ def _normalise_mask(mask) -> masks.Mask | None:
                 "mask must be a bool tensor (True = may attend) or a qkv.masks mask; got a "
                 f"{mask.dtype} tensor of shape {_shape(mask)}.{hint}"
             )
+        if not 1 <= mask.dim() <= 4:
+            raise ValueError(
+                "mask must have 1 to 4 dimensions broadcastable to (B, Hq, Tq, Tk); got shape "
+                f"{_shape(mask)}"
+            )
         return masks.from_dense(mask)
     raise TypeError(
         f"mask must be None, a bool tensor or a qkv.masks mask; got {type(mask).__name__}"

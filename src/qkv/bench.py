@@ -21,7 +21,6 @@ matrix multiply measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 
 import qkv
 from qkv import masks
+from qkv._argparse import OneLineParser
 
 __all__ = ["Case", "gemm_throughput", "main", "run_case"]
 
@@ -309,15 +309,15 @@ def format_table(cases: list[Case], gemm: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qkv bench", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="qkv bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per contender")
     parser.add_argument("--only", default=None, help="run the cases whose name contains this")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {args.repeats}")
     repeats = args.repeats or (3 if args.quick else 7)
-    if repeats < 1:
-        parser.error("--repeats must be >= 1")
     gemm = {
         "float32": gemm_throughput(torch.float32),
         "bfloat16": gemm_throughput(torch.bfloat16),

@@ -116,7 +116,14 @@ def _index(x, name: str, size: int) -> torch.Tensor:
         x = [x]
     if isinstance(x, (list, tuple)) and not x:
         return torch.zeros(0, dtype=torch.long)
-    t = torch.as_tensor(x)
+    if not isinstance(x, (list, tuple, torch.Tensor)):
+        raise TypeError(f"{name} must be an int, a slice or a 1-D sequence of ints; got {x!r}")
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"{name} must be an int, a slice or a 1-D sequence of ints; got {x!r}"
+        ) from err
     if t.dtype == torch.bool or t.is_floating_point() or t.dim() != 1:
         raise TypeError(f"{name} must be an int, a slice or a 1-D sequence of ints; got {x!r}")
     if t.numel() and (int(t.min()) < -size or int(t.max()) >= size):

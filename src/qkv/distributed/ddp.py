@@ -129,6 +129,8 @@ def wrap(model: torch.nn.Module, **ddp_options) -> torch.nn.Module:
     DDP broadcasts rank 0's parameters at construction, so every rank starts from the
     same weights even if they were initialised with different seeds.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not (_active() and dist.get_world_size() > 1):
         return model
     if next(model.parameters()).device.type == "cuda":
@@ -159,6 +161,11 @@ def shard_indices(
     here = info()
     rank = here.rank if rank is None else rank
     world_size = here.world_size if world_size is None else world_size
+    for name, value in (("n", n), ("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(
+                f"shard_indices: {name} must be an int; got {type(value).__name__} {value!r}"
+            )
     if n < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"shard_indices: need n >= 0 and 0 <= rank < world_size; got "

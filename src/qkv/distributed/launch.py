@@ -99,6 +99,11 @@ def run_local(
         RuntimeError: a worker raised (its traceback is in the message) or died.
         TimeoutError: the run took longer than timeout.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable (a module-level function); got {type(fn).__name__}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int):
+        got = f"{type(world_size).__name__} {world_size!r}"
+        raise TypeError(f"world_size must be an int; got {got}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1; got {world_size}")
     ctx = mp.get_context("spawn")

@@ -21,6 +21,7 @@ Nothing is downloaded: `path` is a local directory as written by `save_pretraine
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -82,6 +83,11 @@ class Bert(nn.Module):
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(
+                f"config must be a BertConfig (BertConfig.from_dict(d) for a parsed "
+                f"config.json); got {type(config).__name__}"
+            )
         self.config = c = config
         E = c.hidden_size
         self.word_embeddings = nn.Embedding(c.vocab_size, E, padding_idx=c.pad_token_id)
@@ -110,16 +116,22 @@ class Bert(nn.Module):
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids
             raise ValueError(f"input_ids must be a (B, T) tensor; got {got}")
         B, T = input_ids.shape
-        if self.config.max_position_embeddings < T:
+        c = self.config
+        if c.max_position_embeddings < T:
             raise ValueError(
                 f"input_ids has T={T} tokens but the model knows "
-                f"{self.config.max_position_embeddings} positions"
+                f"{c.max_position_embeddings} positions"
             )
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a (B, T) tensor or None; got {type(t).__name__}")
             if t is not None and tuple(t.shape) != (B, T):
                 raise ValueError(f"{name} must have shape (B, T)={(B, T)}; got {tuple(t.shape)}")
+        _check_ids(input_ids, "input_ids", "vocab_size", c.vocab_size)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        else:
+            _check_ids(token_type_ids, "token_type_ids", "type_vocab_size", c.type_vocab_size)
         positions = torch.arange(T, device=input_ids.device)  # (T,)
         x = (
             self.word_embeddings(input_ids)
@@ -130,6 +142,17 @@ class Bert(nn.Module):
         # Hugging Face's 1 = real token becomes qkv's key padding mask, True = may attend.
         mask = None if attention_mask is None else attention_mask != 0  # (B, T)
         return self.encoder(x, mask=mask)  # (B, T, E)
+
+
+def _check_ids(ids: torch.Tensor, name: str, size_name: str, size: int) -> None:
+    """Integer ids in [0, size): nn.Embedding would fail on them with an opaque error."""
+    if ids.dtype not in (torch.long, torch.int):
+        raise TypeError(f"{name} must be an integer tensor (torch.long); got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())  # one pass each: cheap next to the encoder
+    if low < 0 or high >= size:
+        raise ValueError(f"{name} must lie in [0, {size_name}={size}); got min {low}, max {high}")
 
 
 def _hf_name(name: str) -> str:
@@ -219,6 +242,8 @@ def load_hf_bert(path: str | Path) -> Bert:
             names the key), or the config describes something other than an absolute-position
             BERT.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike directory; got {type(path).__name__}")
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"load_hf_bert: {directory} is not a directory")

@@ -46,6 +46,8 @@ class KernelChoice:
 
 def select(p: Problem, kernel: str = "auto") -> KernelChoice:
     """Pick the kernel for a problem; `kernel` forces one (ValueError if it cannot run it)."""
+    if not isinstance(kernel, str):
+        raise TypeError(f"kernel must be a str ('auto' or a kernel name); got {kernel!r}")
     if kernel != "auto":
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}; got {kernel!r}")

@@ -85,6 +85,12 @@ def from_dense(tensor: torch.Tensor) -> Mask:
 def combine(*masks: Mask | None) -> Mask | None:
     """AND of the masks that are not None (None when all are)."""
     present = [m for m in masks if m is not None]
+    for m in present:
+        if not isinstance(m, Mask):
+            hint = " (wrap a bool tensor with from_dense)" if hasattr(m, "dtype") else ""
+            raise TypeError(
+                f"combine: masks must be Mask objects or None; got {type(m).__name__}{hint}"
+            )
     if not present:
         return None
     return present[0] if len(present) == 1 else And(*present)

@@ -33,6 +33,13 @@ def _block_edges(T: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor
     return starts, ends
 
 
+def _require_mask(x, name: str):
+    if not isinstance(x, Mask):
+        hint = " (wrap a bool tensor with qkv.masks.from_dense)" if hasattr(x, "dtype") else ""
+        raise TypeError(f"{name} must be qkv.masks Mask objects; got {type(x).__name__}{hint}")
+    return x
+
+
 class Mask:
     """Base class of every structured mask.
 
@@ -68,6 +75,9 @@ class Mask:
 
     def to_dense(self, B: int, H: int, Tq: int, Tk: int, device=None) -> torch.Tensor:
         """The whole bool matrix, shape (B, H, Tq, Tk) (an expanded view where possible)."""
+        for name, size in (("B", B), ("H", H), ("Tq", Tq), ("Tk", Tk)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(f"to_dense: {name} must be an int >= 0; got {size!r}")
         self.check(B, H, Tq, Tk)
         dense = self.submask(Tq, Tk, 0, Tq, 0, Tk, device=device)  # (Bm, Hm, Tq, Tk)
         return dense.expand(B, H, Tq, Tk)
@@ -103,6 +113,10 @@ class _Combination(Mask):
     symbol = "?"
 
     def __init__(self, *parts: Mask) -> None:
+        if not parts:
+            raise ValueError(f"{type(self).__name__} needs at least one mask in parts")
+        for part in parts:
+            _require_mask(part, "parts")
         flat: list[Mask] = []
         for part in parts:
             # (a & b) & c is stored as one flat AND so that repr stays readable.
@@ -174,7 +188,7 @@ class Not(Mask):
     """Allowed where the inner mask forbids."""
 
     def __init__(self, inner: Mask) -> None:
-        self.inner = inner
+        self.inner = _require_mask(inner, "inner")
 
     def submask(self, Tq, Tk, q0, q1, k0, k1, device=None):
         return ~self.inner.submask(Tq, Tk, q0, q1, k0, k1, device)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +35,7 @@ from torch import nn
 from ..functional import attention
 from ..masks import Mask
 from .cache import AttentionCache
-
-if TYPE_CHECKING:
-    from .positional import ALiBi, RotaryEmbedding
+from .positional import ALiBi, RotaryEmbedding
 
 __all__ = ["MultiHeadAttention"]
 
@@ -130,15 +127,19 @@ class MultiHeadAttention(nn.Module):
         if not (isinstance(cosine_scale, numbers.Real) and 0 < cosine_scale <= 100.0):
             raise ValueError(f"cosine_scale must lie in (0, 100]; got {cosine_scale!r}")
         head_dim = embed_dim // num_heads
-        rotary_dim = getattr(rotary, "head_dim", head_dim)
-        if rotary is not None and rotary_dim != head_dim:
+        if rotary is not None and not isinstance(rotary, RotaryEmbedding):
+            raise TypeError(
+                f"rotary must be None or a qkv.nn.RotaryEmbedding; got {type(rotary).__name__}"
+            )
+        if rotary is not None and rotary.head_dim != head_dim:
             raise ValueError(
-                f"rotary was built for head_dim={rotary_dim} but this module's heads have "
+                f"rotary was built for head_dim={rotary.head_dim} but this module's heads have "
                 f"D = embed_dim / num_heads = {head_dim}"
             )
-        alibi_heads = getattr(alibi, "num_heads", num_heads)
-        if alibi is not None and alibi_heads != num_heads:
-            raise ValueError(f"alibi has {alibi_heads} heads but num_heads is {num_heads}")
+        if alibi is not None and not isinstance(alibi, ALiBi):
+            raise TypeError(f"alibi must be None or a qkv.nn.ALiBi; got {type(alibi).__name__}")
+        if alibi is not None and alibi.num_heads != num_heads:
+            raise ValueError(f"alibi has {alibi.num_heads} heads but num_heads is {num_heads}")
 
         self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -296,6 +297,8 @@ class MultiHeadAttention(nn.Module):
             (B, Tq, E), or ((B, Tq, E), (B, H, Tq, Tk)) with `need_weights`.
         """
         query = self._check_input(query, "query", self.embed_dim, "E")
+        if not isinstance(need_weights, bool):
+            raise TypeError(f"need_weights must be a bool; got {type(need_weights).__name__}")
         B, Tq, _ = query.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if cache is not None:

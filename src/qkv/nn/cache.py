@@ -41,6 +41,14 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _check_owner_type(owner) -> None:
+    if not isinstance(owner, nn.Module):
+        raise TypeError(
+            f"owner must be the torch.nn.Module the cache belongs to; got {type(owner).__name__} "
+            "(make caches with the module's new_cache())"
+        )
+
+
 class AttentionCache:
     """Keys and values of one attention module, grown step by step or filled once.
 
@@ -57,6 +65,9 @@ class AttentionCache:
     """
 
     def __init__(self, owner: nn.Module, *, cross: bool = False, capacity: int | None = None):
+        _check_owner_type(owner)
+        if not isinstance(cross, bool):
+            raise TypeError(f"cross must be a bool; got {type(cross).__name__}")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)):
             raise TypeError(f"capacity must be an int or None; got {capacity!r}")
         if capacity is not None and capacity < 1:
@@ -190,8 +201,13 @@ class KVCache:
     """
 
     def __init__(self, owner: nn.Module, layers: list[LayerCache]) -> None:
+        _check_owner_type(owner)
+        layers = list(layers)
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, LayerCache):
+                raise TypeError(f"layers[{i}] must be a LayerCache; got {type(layer).__name__}")
         self._owner = weakref.ref(owner)
-        self.layers = list(layers)
+        self.layers = layers
 
     @property
     def owner(self) -> nn.Module | None:

@@ -16,6 +16,8 @@ rows after each step (an O(K·t·E) copy per layer).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,6 +51,29 @@ class DecodingSession:
         eos_id: int | None = None,
         pad_id: int = 0,
     ) -> None:
+        if not isinstance(prefix, torch.Tensor) or prefix.dim() != 2 or not _is_int(prefix):
+            got = (
+                f"{prefix.dtype} {tuple(prefix.shape)}"
+                if isinstance(prefix, torch.Tensor)
+                else type(prefix).__name__
+            )
+            raise TypeError(f"prefix must be a (B', P) integer tensor of token ids; got {got}")
+        if not isinstance(cache, KVCache):
+            raise TypeError(
+                f"cache must be the model's KVCache (from new_cache()); got {type(cache).__name__}"
+            )
+        if not callable(decode):
+            raise TypeError(
+                f"decode must be callable as decode(tokens, cache, context); got "
+                f"{type(decode).__name__}"
+            )
+        if context is not None and not callable(getattr(context, "index_select", None)):
+            raise TypeError(
+                f"context must be None or have an index_select(index) method; got "
+                f"{type(context).__name__}"
+            )
+        _check_token_id(eos_id, "eos_id", optional=True)
+        _check_token_id(pad_id, "pad_id", optional=False)
         self.prefix, self.cache, self.context = prefix, cache, context
         self._decode = decode
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -70,6 +95,27 @@ class Decodable(Protocol):
     ) -> DecodingSession: ...
 
 
+def _is_int(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _check_token_id(token, name: str, *, optional: bool) -> None:
+    """An int token id (any int: an id outside the vocabulary, like -1, never matches)."""
+    if token is None and optional:
+        return
+    if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+        allowed = "None or an int" if optional else "an int"
+        raise TypeError(f"{name} must be {allowed} (a token id); got {token!r}")
+
+
+def _check_model(model) -> None:
+    if not callable(getattr(model, "start_decoding", None)):
+        raise TypeError(
+            f"model must be a Transformer or a DecoderLM (anything with start_decoding); got "
+            f"{type(model).__name__}"
+        )
+
+
 def _check_arguments(inputs, n: int) -> int:
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.is_floating_point():
         got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
@@ -89,13 +135,15 @@ def greedy(
         model: a `Transformer` (inputs: source tokens (B, S)) or a `DecoderLM` (inputs:
             prompts (B, P), all of one length).
         max_new_tokens: N, the most tokens to generate per row.
-        eos_id: the end token (default: the model's config). Rows that have ended are
-            padded with the model's pad id.
+        eos_id: the end token (default: the model's config; an id outside the vocabulary,
+            such as -1, never stops). Rows that have ended are padded with the model's pad id.
 
     Returns:
         (B, P + n) tokens, n <= N: the prefix (BOS, or the prompt) then the generated tokens.
     """
+    _check_model(model)
     max_new_tokens = _check_arguments(inputs, max_new_tokens)
+    _check_token_id(eos_id, "eos_id", optional=True)
     # The prefix is at most as long as the inputs: room for all of it, no regrowth.
     session = model.start_decoding(inputs, capacity=inputs.shape[-1] + max_new_tokens)
     eos = session.eos_id if eos_id is None else eos_id
@@ -147,9 +195,17 @@ def beam_search(
 
     Args as for `greedy`, plus num_beams (K) and length_penalty.
     """
+    _check_model(model)
     max_new_tokens = _check_arguments(inputs, max_new_tokens)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real):
+        raise TypeError(
+            f"length_penalty must be a real number; got {type(length_penalty).__name__}"
+        )
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be finite; got {length_penalty}")
+    _check_token_id(eos_id, "eos_id", optional=True)
     K = num_beams
     session = model.start_decoding(inputs, num_beams=K, capacity=inputs.shape[-1] + max_new_tokens)
     eos = session.eos_id if eos_id is None else eos_id

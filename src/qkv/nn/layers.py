@@ -23,6 +23,7 @@ Masks follow qkv's convention, True = may attend: `mask` (encoder) and `self_mas
 from __future__ import annotations
 
 import copy
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +66,13 @@ class FeedForward(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if activation not in _ACTIVATIONS:
+        embed_dim = _check_size(embed_dim, "embed_dim")
+        ffn_dim = _check_size(ffn_dim, "ffn_dim")
+        if not isinstance(activation, str) or activation not in _ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {sorted(_ACTIVATIONS)}; got {activation!r}"
             )
+        dropout = _check_dropout(dropout)
         self.activation = activation
         self.linear1 = nn.Linear(embed_dim, ffn_dim, bias=bias, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
@@ -79,12 +83,47 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(hidden))  # (B, T, E)
 
 
-def _check_dropout(dropout: float) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise TypeError(f"dropout must be a float; got {type(dropout).__name__}")
+def _check_size(size: int, name: str) -> int:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(size).__name__} {size!r}")
+    if size < 1:
+        raise ValueError(f"{name} must be >= 1; got {size}")
+    return int(size)
+
+
+def _check_dropout(dropout: float, name: str = "dropout") -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"{name} must be a float; got {type(dropout).__name__}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
+        raise ValueError(f"{name} must lie in [0, 1); got {dropout}")
     return float(dropout)
+
+
+def _attn_dropout(dropout: float, attn_dropout: float | None) -> float:
+    """The attention-weight dropout: `attn_dropout` if given, else the layer's `dropout`."""
+    return dropout if attn_dropout is None else _check_dropout(attn_dropout, "attn_dropout")
+
+
+def _check_input(x, name: str, letters: str, layer: nn.Module) -> None:
+    """`x` must be a (B, T, E) tensor of the layer's width E and parameter dtype."""
+    E = layer.self_attn.embed_dim
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {letters}; got {type(x).__name__}")
+    if x.dim() == 2:
+        raise ValueError(
+            f"{name} must be batched {letters}; got shape {tuple(x.shape)}. The layers take "
+            f"batch-first input only: add a batch dimension with {name}.unsqueeze(0)"
+        )
+    if x.dim() != 3 or x.shape[-1] != E:
+        raise ValueError(
+            f"{name} must have shape {letters} with E = embed_dim = {E}; got {tuple(x.shape)}"
+        )
+    weight = layer.self_attn.q_proj.weight
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} is {x.dtype} but the parameters are {weight.dtype}; convert one with "
+            ".to(dtype)"
+        )
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -132,7 +171,7 @@ class TransformerEncoderLayer(nn.Module):
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(
             embed_dim, num_heads, num_kv_heads=num_kv_heads, bias=bias,
-            dropout=dropout if attn_dropout is None else attn_dropout, score=score,
+            dropout=_attn_dropout(dropout, attn_dropout), score=score,
             rotary=rotary, alibi=alibi, **factory,
         )  # fmt: skip
         self.ffn = FeedForward(
@@ -152,6 +191,7 @@ class TransformerEncoderLayer(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """x (B, S, E) -> (B, S, E). `cache` (with `causal=True`) for incremental decoding."""
+        _check_input(x, "x", "(B, S, E)", self)
         self_cache = None if cache is None else cache.self_attn
 
         def attend(h: torch.Tensor) -> torch.Tensor:
@@ -198,7 +238,7 @@ class TransformerDecoderLayer(nn.Module):
         super().__init__()
         dropout = _check_dropout(dropout)
         factory = {"device": device, "dtype": dtype}
-        attn_p = dropout if attn_dropout is None else attn_dropout
+        attn_p = _attn_dropout(dropout, attn_dropout)
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(
             embed_dim, num_heads, num_kv_heads=num_kv_heads, bias=bias, dropout=attn_p,
@@ -235,6 +275,22 @@ class TransformerDecoderLayer(nn.Module):
         """
         self_cache = None if cache is None else cache.self_attn
         cross_cache = None if cache is None else cache.cross_attn
+        _check_input(x, "x", "(B, T, E)", self)
+        if memory is None:
+            if cross_cache is None or not cross_cache.filled:
+                # Without memory the cross-attention would attend to x itself: a "decoder"
+                # with no cross-attention at all (a pitfall of the seed notes).
+                raise ValueError(
+                    "memory must be the encoder output (B, S, E); memory=None is only allowed "
+                    "with a cache whose cross-attention was filled by an earlier call"
+                )
+        else:
+            _check_input(memory, "memory", "(B, S, E)", self)
+            if memory.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"x (B, T, E) and memory (B, S, E) must have the same batch size B; got "
+                    f"x {tuple(x.shape)} and memory {tuple(memory.shape)}"
+                )
 
         def self_block(h: torch.Tensor) -> torch.Tensor:
             h = self.self_attn(h, mask=self_mask, causal=causal, cache=self_cache)
@@ -254,7 +310,13 @@ class TransformerDecoderLayer(nn.Module):
         return self.norm3(x + self.dropout3(self.ffn(x)))  # (B, T, E)
 
 
-def _clones(layer: nn.Module, num_layers: int) -> nn.ModuleList:
+def _clones(layer: nn.Module, num_layers: int, kind: type[nn.Module]) -> nn.ModuleList:
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be a {kind.__name__} to copy; got {type(layer).__name__}")
+    # The two layers are not interchangeable: a decoder needs cross-attention to the memory.
+    other = TransformerDecoderLayer if kind is TransformerEncoderLayer else TransformerEncoderLayer
+    if isinstance(layer, other):
+        raise TypeError(f"layer must be a {kind.__name__}; got a {other.__name__}")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int; got {num_layers!r}")
     return nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
@@ -271,7 +333,7 @@ class TransformerEncoder(nn.Module):
         self, layer: TransformerEncoderLayer, num_layers: int, *, norm: nn.Module | None = None
     ) -> None:
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = _clones(layer, num_layers, TransformerEncoderLayer)
         self.norm = norm
 
     def forward(
@@ -303,7 +365,7 @@ class TransformerDecoder(nn.Module):
         self, layer: TransformerDecoderLayer, num_layers: int, *, norm: nn.Module | None = None
     ) -> None:
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = _clones(layer, num_layers, TransformerDecoderLayer)
         self.norm = norm
 
     def forward(

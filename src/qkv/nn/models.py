@@ -138,11 +138,25 @@ def _check_config(config) -> None:
         if hasattr(config, n)
     )
     for name in ("pad_id", "bos_id", "eos_id"):
-        token = getattr(config, name, None)
-        if token is not None and not (isinstance(token, int) and 0 <= token < vocab):
+        if not hasattr(config, name):
+            continue
+        token = getattr(config, name)
+        if token is None and name == "eos_id":
+            continue  # no end token: decoding runs to its length limit
+        if isinstance(token, bool) or not (isinstance(token, int) and 0 <= token < vocab):
+            # pad_id pads the batches and bos_id starts every translation: both are needed
             raise ValueError(f"{name} must be a token id in [0, {vocab}); got {token!r}")
     if config.positional == "rope" and (E // H) % 2:
         raise ValueError(f"positional='rope' needs an even head dim; got E/H = {E // H}")
+
+
+def _check_tokens(tokens, name: str) -> None:
+    """A (B, T) integer tensor (the ids' range is checked by `Embeddings`)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int):
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"{name} must be an integer tensor (B, T); got {got}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, T); got {tuple(tokens.shape)}")
 
 
 class Embeddings(nn.Module):
@@ -165,6 +179,25 @@ class Embeddings(nn.Module):
         dropout: float,
     ) -> None:
         super().__init__()
+        for name, size in (("vocab_size", vocab_size), ("embed_dim", embed_dim)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {size!r}")
+        if pad_id is not None and (
+            isinstance(pad_id, bool) or not isinstance(pad_id, int) or not 0 <= pad_id < vocab_size
+        ):
+            raise ValueError(
+                f"pad_id must be None or a token id in [0, vocab_size={vocab_size}); got {pad_id!r}"
+            )
+        if not isinstance(scale, bool):
+            raise TypeError(f"scale must be a bool; got {type(scale).__name__}")
+        if positional is not None and not isinstance(positional, nn.Module):
+            raise TypeError(
+                f"positional must be None or an nn.Module; got {type(positional).__name__}"
+            )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a float; got {type(dropout).__name__}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
         self.token = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.scale = math.sqrt(embed_dim) if scale else 1.0
         nn.init.normal_(self.token.weight, std=embed_dim**-0.5 if scale else 0.02)
@@ -176,11 +209,7 @@ class Embeddings(nn.Module):
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """tokens (B, T) long, the first at position `offset` -> (B, T, E)."""
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int):
-            got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise TypeError(f"tokens must be an integer tensor (B, T); got {got}")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape (B, T); got {tuple(tokens.shape)}")
+        _check_tokens(tokens, "tokens")
         V = self.token.num_embeddings
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
             raise ValueError(
@@ -271,6 +300,7 @@ class Transformer(nn.Module):
 
     def encode(self, src: torch.Tensor, *, src_mask: torch.Tensor | None = None) -> Encoded:
         """src (B, S) -> Encoded(memory (B, S, E), mask (B, S)); mask defaults to src != pad."""
+        _check_tokens(src, "src")
         if src_mask is None:
             src_mask = src != self.config.pad_id  # (B, S) True = real token
         memory = self.encoder(self.src_embed(src), mask=src_mask)  # (B, S, E)
@@ -280,6 +310,16 @@ class Transformer(nn.Module):
         self, tgt: torch.Tensor, encoded: Encoded, *, cache: KVCache | None = None
     ) -> torch.Tensor:
         """tgt (B, T) -> logits (B, T, V). With a cache, tgt holds only the new tokens."""
+        _check_tokens(tgt, "tgt")
+        if not isinstance(encoded, Encoded):
+            raise TypeError(
+                f"encoded must be the Encoded that encode() returns; got {type(encoded).__name__}"
+            )
+        if encoded.memory.shape[0] != tgt.shape[0]:
+            raise ValueError(
+                f"tgt (B, T) and the encoded source (B, S, E) must have the same batch size B; "
+                f"got tgt {tuple(tgt.shape)} and memory {tuple(encoded.memory.shape)}"
+            )
         offset = 0 if cache is None else len(cache)
         y = self.tgt_embed(tgt, offset=offset)  # (B, T, E)
         h = self.decoder(y, encoded.memory, memory_mask=encoded.mask, causal=True, cache=cache)
@@ -289,6 +329,13 @@ class Transformer(nn.Module):
         self, src: torch.Tensor, tgt: torch.Tensor, *, src_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """src (B, S), tgt (B, T) -> logits (B, T, V_tgt)."""
+        _check_tokens(src, "src")
+        _check_tokens(tgt, "tgt")
+        if src.shape[0] != tgt.shape[0]:
+            raise ValueError(
+                f"src (B, S) and tgt (B, T) must have the same batch size B; got src "
+                f"{tuple(src.shape)} and tgt {tuple(tgt.shape)}"
+            )
         return self.decode(tgt, self.encode(src, src_mask=src_mask))
 
     def new_cache(self, *, capacity: int | None = None) -> KVCache:

@@ -25,6 +25,7 @@ obviousness over speed: it materialises the full (Tq, Tk) matrix and works in fl
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,9 +84,21 @@ def causal_mask(tq: int, tk: int) -> NDArray[np.bool_]:
     With Tq = 1 the single query sees every key.  With Tq > Tk the first ``Tq - Tk`` queries
     see nothing at all (their output is defined to be 0).
     """
+    for name, size in (("tq", tq), ("tk", tk)):
+        if isinstance(size, (bool, np.bool_)) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(size).__name__} {size!r}")
+        if size < 0:
+            raise ValueError(f"{name} must be >= 0, got {size}")
     i = np.arange(tq)[:, None]  # (Tq, 1)
     j = np.arange(tk)[None, :]  # (1, Tk)
     return j <= i + (tk - tq)  # (Tq, Tk)
+
+
+def _check_causal(causal: bool) -> bool:
+    """A real bool: ``causal="no"`` is truthy and would silently apply the causal mask."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    return bool(causal)
 
 
 def _float_dtype(dtype: DTypeLike | None) -> np.dtype[Any]:
@@ -233,10 +246,11 @@ def attention_forward(
         A query that may attend to nothing gets output 0, weights 0 and lse ``-inf``.
 
     Raises:
-        TypeError: ``mask`` is not a bool array.
+        TypeError: ``mask`` is not a bool array, ``causal`` is not a bool.
         ValueError: inconsistent shapes, a mask that does not broadcast, a non-finite scale.
     """
     x = _validate(q, k, v, mask, scale, dtype)
+    causal = _check_causal(causal)
     tq, tk = x.q.shape[-2], x.k.shape[-2]
 
     # Similarity of every query with every key.  The scale is applied to the scores, before
@@ -277,6 +291,11 @@ def attention_backward(
         Rows of dq for queries that saw nothing are exactly 0, as are the rows of dk and dv
         for keys that no query saw.
     """
+    if not isinstance(cache, AttentionCache):
+        raise TypeError(
+            f"cache must be the AttentionCache returned by attention_forward, got "
+            f"{type(cache).__name__}"
+        )
     q, k, v, scale, p = cache.q, cache.k, cache.v, cache.scale, cache.weights
     dout = np.asarray(dout, dtype=p.dtype)
     expected = (*p.shape[:-1], v.shape[-1])  # (..., Tq, Dv), the shape of out

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from .attention import _sum_to_shape, _validate
+from .attention import _check_causal, _sum_to_shape, _validate
 
 __all__ = ["blocked_attention_backward", "blocked_attention_forward"]
 
@@ -119,6 +119,7 @@ def blocked_attention_forward(
         and lse ``-inf``.
     """
     x = _validate(q, k, v, mask, scale, dtype)
+    causal = _check_causal(causal)
     block_q, block_k = _check_block(block_q, "block_q"), _check_block(block_k, "block_k")
     tq, tk, dv = x.q.shape[-2], x.k.shape[-2], x.v.shape[-1]
     dt = x.q.dtype
@@ -212,6 +213,7 @@ def blocked_attention_backward(
       one number per query row, computed up front from ``dO`` and ``O`` (``Tq × Dv``).
     """
     x = _validate(q, k, v, mask, scale, dtype)
+    causal = _check_causal(causal)
     block_q, block_k = _check_block(block_q, "block_q"), _check_block(block_k, "block_k")
     tq, tk, d, dv = x.q.shape[-2], x.k.shape[-2], x.q.shape[-1], x.v.shape[-1]
     dt = x.q.dtype

@@ -43,6 +43,14 @@ __all__ = [
 ]
 
 
+def _check_size(size: int, name: str) -> int:
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(size).__name__} {size!r}")
+    if size < 1:
+        raise ValueError(f"{name} must be positive, got {size}")
+    return int(size)
+
+
 def _check_heads(embed_dim: int, num_heads: int) -> int:
     """Heads split the E features into H equal groups, so H must divide E."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)):
@@ -121,12 +129,13 @@ class MultiHeadParams:
             rng: a ``np.random.Generator`` or a seed; never the global random state.
             dtype: floating dtype of the arrays; default float64.
         """
+        embed_dim = _check_size(embed_dim, "embed_dim")
+        kdim = embed_dim if kdim is None else _check_size(kdim, "kdim")
+        vdim = embed_dim if vdim is None else _check_size(vdim, "vdim")
         if num_heads is not None:
             _check_heads(embed_dim, num_heads)
         gen = np.random.default_rng(rng)
         dt = _float_dtype(dtype)
-        kdim = embed_dim if kdim is None else kdim
-        vdim = embed_dim if vdim is None else vdim
 
         def xavier(fan_out: int, fan_in: int) -> NDArray[np.floating]:
             a = math.sqrt(6.0 / (fan_in + fan_out))
@@ -224,6 +233,11 @@ def _validate_mha(
     num_heads: int,
     dt: np.dtype[Any],
 ) -> tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating], MultiHeadParams]:
+    if not isinstance(params, MultiHeadParams):
+        raise TypeError(
+            f"params must be a MultiHeadParams (e.g. MultiHeadParams.init(embed_dim)), got "
+            f"{type(params).__name__}"
+        )
     query = np.asarray(query, dtype=dt)
     key = np.asarray(key, dtype=dt)
     value = np.asarray(value, dtype=dt)
@@ -355,6 +369,11 @@ def multi_head_attention_backward(
         For self-attention (the same array passed as query, key and value) the gradient of
         that array is ``dquery + dkey + dvalue``.
     """
+    if not isinstance(cache, MultiHeadCache):
+        raise TypeError(
+            f"cache must be the MultiHeadCache returned by multi_head_attention_forward, got "
+            f"{type(cache).__name__}"
+        )
     p, h = cache.params, cache.num_heads
     dout = np.asarray(dout, dtype=cache.context.dtype)
     if dout.shape != cache.context.shape:
