@@ -213,3 +213,27 @@ def test_padding_length_beyond_keys_is_rejected():
         masks.padding([2, 5]).to_dense(2, 1, 3, 4)
     with pytest.raises(ValueError, match="padding has 2 lengths but the batch has B=3"):
         masks.padding([2, 3]).to_dense(3, 1, 3, 4)
+
+
+@given(
+    st.integers(1, 30), st.integers(1, 30), st.integers(0, 6), st.integers(0, 6),
+    st.lists(st.tuples(st.integers(0, 29), st.integers(1, 8), st.integers(0, 29), st.integers(1, 8)),
+             min_size=2, max_size=6),
+)  # fmt: skip
+def test_equal_tile_keys_mean_equal_submasks(Tq, Tk, before, after, tiles):
+    """Tile plans share one submask per key: the key must determine the submask."""
+    pad = masks.padding([min(Tk, 5), Tk])
+    candidates = [masks.causal(), masks.window(before, after), pad, masks.causal() & pad,
+                  ~masks.window(before) | pad]  # fmt: skip
+    for m in candidates:
+        seen = {}
+        for q0, nq, k0, nk in tiles:
+            q0, k0 = min(q0, Tq - 1), min(k0, Tk - 1)
+            q1, k1 = min(q0 + nq, Tq), min(k0 + nk, Tk)
+            key = m.tile_key(Tq, Tk, q0, q1, k0, k1)
+            assert key is not None
+            sub = m.submask(Tq, Tk, q0, q1, k0, k1)
+            if key in seen:
+                assert torch.equal(seen[key], sub), (m, key)
+            seen[key] = sub
+    assert masks.document(torch.zeros(1, 3, dtype=torch.long)).tile_key(3, 3, 0, 1, 0, 1) is None

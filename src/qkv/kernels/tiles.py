@@ -117,6 +117,7 @@ def plan_tiles(
     merged = torch.where(all_empty, EMPTY, torch.where(all_full, FULL, 1)).tolist()
 
     blocks = []
+    seen: dict = {}  # tile key -> (submask, any row allowed, every row allowed)
     for i in range(nq):
         q0, q1 = i * block_q, min((i + 1) * block_q, Tq)
         segments = []
@@ -125,11 +126,19 @@ def plan_tiles(
             if kind == FULL:
                 segments.append(Segment(k0, k1, None))
                 continue
-            sub = mask.submask(Tq, Tk, q0, q1, k0, k1, device)  # (Bm, Hm, q, k)
-            row_any = sub.any(-1)  # (Bm, Hm, q)
-            if not row_any.any():
+            key = mask.tile_key(Tq, Tk, q0, q1, k0, k1)
+            if key is None or key not in seen:
+                sub = mask.submask(Tq, Tk, q0, q1, k0, k1, device)  # (Bm, Hm, q, k)
+                row_any = sub.any(-1)  # (Bm, Hm, q)
+                entry = (sub, bool(row_any.any()), bool(row_any.all()))
+                if key is not None:
+                    seen[key] = entry  # equal patterns share one tensor (see stacked.py)
+            else:
+                entry = seen[key]
+            sub, some, every = entry
+            if not some:
                 continue  # the classification was conservative: nothing here after all
-            segments.append(Segment(k0, k1, sub, has_empty_rows=not bool(row_any.all())))
+            segments.append(Segment(k0, k1, sub, has_empty_rows=not every))
         blocks.append(QueryBlock(q0, q1, tuple(segments)))
     return blocks
 

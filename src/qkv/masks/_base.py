@@ -66,6 +66,14 @@ class Mask:
     def check(self, B: int, H: int, Tq: int, Tk: int) -> None:
         """Raise ValueError (naming `mask`) if this mask cannot apply to (B, H, Tq, Tk)."""
 
+    def tile_key(self, Tq: int, Tk: int, q0: int, q1: int, k0: int, k1: int):
+        """A hashable key equal for tiles whose submasks are equal, or None if unknown.
+
+        Lets a tile plan compute one submask per distinct pattern: every interior block of
+        a sliding window has the same one.
+        """
+        return None
+
     @property
     def device(self) -> torch.device | None:
         """Device of the tensors the mask holds (None for masks that hold none)."""
@@ -145,6 +153,10 @@ class _Combination(Mask):
         for part in self.parts:
             part.check(B, H, Tq, Tk)
 
+    def tile_key(self, Tq, Tk, q0, q1, k0, k1):
+        keys = tuple(part.tile_key(Tq, Tk, q0, q1, k0, k1) for part in self.parts)
+        return None if None in keys else (self.symbol, keys)
+
     @property
     def device(self):
         for part in self.parts:
@@ -198,6 +210,10 @@ class Not(Mask):
 
     def check(self, B, H, Tq, Tk):
         self.inner.check(B, H, Tq, Tk)
+
+    def tile_key(self, Tq, Tk, q0, q1, k0, k1):
+        key = self.inner.tile_key(Tq, Tk, q0, q1, k0, k1)
+        return None if key is None else ("~", key)
 
     @property
     def device(self):

@@ -56,7 +56,16 @@ class Band(Mask):
         i = torch.arange(q0, q1, device=device)[:, None]  # (q, 1)
         j = torch.arange(k0, k1, device=device)[None, :]  # (1, k)
         rel = j - i  # (q, k): key position relative to the query's own
-        return ((rel >= lo) & (rel <= hi))[None, None]  # (1, 1, q, k)
+        # integer comparisons only; an unbounded side is no comparison at all
+        allowed = rel <= int(hi) if hi != float("inf") else torch.ones_like(rel, dtype=torch.bool)
+        if lo != -float("inf"):
+            allowed &= rel >= int(lo)
+        return allowed[None, None]  # (1, 1, q, k)
+
+    def tile_key(self, Tq, Tk, q0, q1, k0, k1):
+        # the submask depends only on the tile's size and its offset from the diagonal
+        lo, hi = self._offsets(Tq, Tk)
+        return ("band", lo - (k0 - q0), hi - (k0 - q0), q1 - q0, k1 - k0)
 
     def block_kinds(self, Tq, Tk, block_q, block_k, device=None):
         lo, hi = self._offsets(Tq, Tk)
@@ -113,6 +122,9 @@ class Padding(Mask):
                 f"mask: padding lengths must lie in [0, Tk={Tk}]; got max length "
                 f"{int(self.lengths.max())}"
             )
+
+    def tile_key(self, Tq, Tk, q0, q1, k0, k1):
+        return ("padding", q1 - q0, k0, k1)  # the same for every block of queries
 
     def submask(self, Tq, Tk, q0, q1, k0, k1, device=None):
         lengths = self.lengths.to(device) if device is not None else self.lengths
