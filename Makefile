@@ -23,6 +23,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+demo: $(STAMP)
+	$(VENV)/bin/qkv demo --out runs/demo
+
 test: lint
 	$(PY) -m pytest -q
 

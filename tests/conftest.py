@@ -27,7 +27,7 @@ settings.load_profile("ci")
 ATOL = {
     torch.float64: 1e-10,
     torch.float32: 2e-5,
-    torch.bfloat16: 1e-2,
+    torch.bfloat16: 3e-2,  # bf16 gradients vary with the thread count by ~1e-2
     torch.float16: 2e-3,
 }
 FACTOR = 3.0
