@@ -34,11 +34,14 @@ __all__ = [
     "plan_tiles",
 ]
 
-# Tile sizes, measured with benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64): large
-# query blocks amortise the fused kernel's per-call cost; key blocks decide how tightly a
-# structured mask is followed (a window of w keys costs about w + BLOCK_K keys per row).
+# Tile sizes, measured with benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64, T=16384;
+# windows of 256 and 1024 keys, 4 causal documents, causal with lse): 256 × 256 was the
+# fastest or within ~10% of it in every workload forward, and the fastest or close to it
+# forward+backward, where small tiles lose (the backward recomputes each overlapping key
+# span). Smaller tiles follow a mask more tightly (a window of w keys costs about
+# w + BLOCK_Q keys per row) but pay more per-call and per-merge overhead.
 BLOCK_Q = 256
-BLOCK_K = 128
+BLOCK_K = 256
 
 
 @dataclass(frozen=True)
