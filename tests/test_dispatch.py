@@ -95,3 +95,19 @@ def test_dropout_gradients_follow_the_same_mask(kernel):
     dout = torch.randn_like(out)
     out.backward(dout)
     torch.testing.assert_close(v.grad, dropped.transpose(-2, -1) @ dout)
+
+
+@pytest.mark.parametrize("Tk", [1, 15, 16, 63, 64, 65, 300])
+def test_a_nan_query_stays_nan_on_every_kernel(Tk):
+    """torch's CPU kernel hides a NaN query row for Tk <= 15 (torch 2.13); qkv must not.
+
+    Beyond fused.POISON_BELOW_KEYS qkv relies on torch propagating NaN by itself: this
+    test fails if a torch release moves its threshold past ours.
+    """
+    q, k, v = make_qkv((1, 2, 2, 4, Tk, 8, 8), torch.float32)
+    q = q.detach().clone()
+    q[0, 1, 2, 5] = float("nan")
+    for kernel in ("fused", "tiled", "reference"):
+        out = qkv.attention(q, k.detach(), v.detach(), kernel=kernel)
+        assert torch.isnan(out[0, 1, 2]).all(), (kernel, Tk)
+        assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, :2]).all()

@@ -22,13 +22,16 @@ from .tiles import BLOCK_K, BLOCK_Q
 __all__ = ["poison", "run", "unsupported"]
 
 
-def poison(q: torch.Tensor) -> torch.Tensor:
-    """(B, H, Tq, 1) zeros, NaN where a query row holds NaN (or inf).
+# torch's CPU flash kernel returns output 0 and lse 0 for a query row of NaN scores when
+# there are few keys (up to 15 in torch 2.13) and no mask: a NaN input would silently turn
+# into a zero output. Below this many keys qkv adds a NaN-carrying zero to such outputs
+# (a pass over q: negligible next to attention, but measurable on the dense fast path,
+# which with more keys propagates NaN by itself).
+POISON_BELOW_KEYS = 64
 
-    torch's CPU flash kernel returns output 0 and lse 0 for a query row of NaN scores
-    when there are few keys (up to 15 in torch 2.13) and no mask: a NaN input would turn
-    silently into a zero output. Adding this keeps it NaN, as everywhere else.
-    """
+
+def poison(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, Tq, 1) zeros, NaN where a query row holds NaN (or inf): see above."""
     return q.sum(-1, keepdim=True) * 0
 
 
@@ -67,6 +70,6 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> Attent
         scale=p.scale,
         enable_gqa=p.Hq != p.Hkv,
     )  # (B, Hq, Tq, Dv)
-    if attn_mask is None:
+    if attn_mask is None and p.Tk < POISON_BELOW_KEYS:
         out = out + poison(q)  # (B, Hq, Tq, Dv)
     return AttentionOutput(output=out)

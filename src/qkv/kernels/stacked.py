@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused import poison
+from .fused import POISON_BELOW_KEYS, poison
 from .tiles import Job
 
 __all__ = ["backward", "forward"]
@@ -149,7 +149,7 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
                 o, l = _flash(q, k, v, 0.0, False, attn_mask=add, scale=scale)
                 if rows is not None:  # the fused kernel reports lse 0, not -inf, there
                     l = torch.where(rows, l, float("-inf"))
-                if add is None:  # keep a NaN query NaN (see fused.poison)
+                if add is None and job.keys < POISON_BELOW_KEYS:  # see fused.poison
                     nan = poison(q)  # (·, H, r, 1)
                     o, l = o + nan, l + nan[..., 0]
                 o = o.transpose(1, 2)  # (·, r, H, W)

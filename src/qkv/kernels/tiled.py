@@ -27,7 +27,7 @@ import torch
 
 from .._types import AttentionOutput, Problem
 from . import stacked
-from .fused import poison
+from .fused import POISON_BELOW_KEYS, poison
 from .tiles import BLOCK_K, BLOCK_Q, QueryBlock, Segment, compact_keys, group_jobs, plan_tiles
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "run", "unsupported"]
@@ -135,7 +135,7 @@ def _segment_forward(x: _Inputs, p: Problem, bias, blk, seg, seed, engine):
     add = _additive(seg, _slice_bias(bias, blk.q0, blk.q1, seg.k0, seg.k1), q.dtype)
     if engine == "fused":
         out, lse = _flash(q, k, v, 0.0, False, attn_mask=add, scale=p.scale)
-        if add is None:  # keep a NaN query NaN (see fused.poison)
+        if add is None and k.shape[2] < POISON_BELOW_KEYS:  # see fused.poison
             nan = poison(q)
             out, lse = out + nan, lse + nan[..., 0]
         out, lse = out.to(stat), lse.to(stat)
