@@ -131,10 +131,12 @@ def _flex(c: Case):
 def _callables(c: Case) -> dict[str, Callable]:
     allowed = c.allowed() if {"sdpa-mask", "naive"} & set(c.contenders) else None
     torch_causal = c.causal and c.mask is None and c.Tq == c.Tk
+    # bottom-right causal with one query sees every key: torch's unmasked call is the same
+    decoding = c.causal and c.mask is None and c.Tq == 1
     calls: dict[str, Callable] = {
         "qkv": lambda q, k, v: qkv.attention(q, k, v, mask=c.mask, causal=c.causal),
     }
-    if "sdpa" in c.contenders and (c.mask is None and (not c.causal or torch_causal)):
+    if "sdpa" in c.contenders and c.mask is None and (not c.causal or torch_causal or decoding):
         calls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, is_causal=torch_causal
         )

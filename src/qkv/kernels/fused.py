@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .._types import AttentionOutput, Problem
 from ..masks import Dense
+from ..masks._kinds import Padding
 from .tiles import BLOCK_K, BLOCK_Q
 
 __all__ = ["poison", "run", "unsupported"]
@@ -47,6 +48,8 @@ def unsupported(p: Problem) -> str | None:
         return "dropout must draw from qkv's generator to be reproducible"
     if p.mask is None or (p.is_causal and p.Tq in (1, p.Tk)) or isinstance(p.mask, Dense):
         return None
+    if isinstance(p.mask, Padding):
+        return None  # a (B, 1, 1, Tk) mask: torch broadcasts it, no Tq×Tk matrix
     if p.Tq <= BLOCK_Q and p.Tk <= BLOCK_K:
         return None  # one tile: nothing to skip, a dense mask costs no more
     return "a structured mask over more than one tile: the tiled kernel skips empty tiles"
@@ -58,6 +61,9 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> Attent
         pass  # bottom-right causal with a single query: every key is visible
     elif p.is_causal and p.Tq == p.Tk:
         is_causal = True
+    elif isinstance(p.mask, Padding):
+        keys = torch.arange(p.Tk, device=q.device)
+        attn_mask = (keys < p.mask.lengths.to(q.device)[:, None])[:, None, None]  # (B, 1, 1, Tk)
     elif p.mask is not None:
         # (Bm, Hm, Tq, Tk), broadcast by torch; only masks torch cannot express get here.
         attn_mask = p.mask.submask(p.Tq, p.Tk, 0, p.Tq, 0, p.Tk, device=q.device)
