@@ -1,12 +1,14 @@
 """The `qkv` command line: demo, translate, shapes, bench.
 
-    qkv demo [--out DIR] [--quick]              train the date translator, write heatmaps
+    qkv demo [--out DIR] [--quick] [--resume]   train the date translator, write heatmaps
     qkv translate TEXT... --checkpoint PATH [--beam N]
     qkv shapes --batch N --length L --dim E --heads H [--kv-heads G] [--dtype D]
     qkv bench [...]                              qkv against torch's attention (qkv.bench)
 
 Exit codes: 0 success, 2 for anything the user can fix (a usage error, an unreadable
-checkpoint, characters the model has never seen), always with a one-line message on stderr.
+checkpoint, characters the model has never seen, --resume of another config), always with a
+one-line message on stderr; 130 (143) when Ctrl-C (SIGTERM) stopped `qkv demo`, whose
+training state is then saved for --resume.
 Heavy imports (torch, the demo) happen inside the subcommands, so `qkv --help` is instant.
 """
 
@@ -64,6 +66,19 @@ def _build_parser() -> OneLineParser:
         "--threads", type=_positive, default=None, metavar="N", help="default: timed, 1 or all"
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--resume", action="store_true",
+        help="continue DIR/train_state.pt (saved every --checkpoint-every steps, at the end "
+        "and on Ctrl-C); give the options the run was started with",
+    )  # fmt: skip
+    demo.add_argument(
+        "--checkpoint-every", type=_non_negative, default=200, metavar="N",
+        help="save the training state every N steps (default 200; 0: only at the end)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--deterministic", action="store_true",
+        help="bit-identical runs for a seed: a fixed thread count (--threads, default 1)",
+    )  # fmt: skip
 
     tr = sub.add_parser(
         "translate", help="translate written dates with a demo checkpoint",
@@ -97,14 +112,32 @@ def _build_parser() -> OneLineParser:
 
 def _demo(args: argparse.Namespace) -> int:
     import dataclasses
+    import shlex
 
-    from .demo import QUICK, DemoConfig, run_demo
+    from .demo import QUICK, CheckpointError, DemoConfig, TrainingInterrupted, run_demo
 
     config = QUICK if args.quick else DemoConfig()
     overrides = {k: getattr(args, k) for k in ("seed", "steps", "threads")}
+    if args.deterministic and args.threads is None:
+        overrides["threads"] = 1  # a fixed count: the ThreadChooser's switches reorder sums
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     try:
-        run_demo(args.out, quick=args.quick, config=config, progress=not args.no_progress)
+        run_demo(args.out, quick=args.quick, config=config, progress=not args.no_progress,
+                 resume=args.resume, checkpoint_every=args.checkpoint_every)  # fmt: skip
+    except TrainingInterrupted as e:
+        if e.is_main:  # under torchrun every rank stops; one says so
+            options = [*(["--quick"] if args.quick else []),
+                       *(f"--{k} {v}" for k, v in overrides.items() if v is not None)]  # fmt: skip
+            again = " ".join(["qkv demo --out", shlex.quote(str(args.out)), *options, "--resume"])
+            saved = f"training state saved to {e.path}; " if e.path else ""
+            print(f"qkv demo: interrupted after step {e.step:,} of {e.steps:,}; {saved}"
+                  f"continue with: {again}", file=sys.stderr)  # fmt: skip
+        return 128 + int(e.signum)
+    except KeyboardInterrupt:
+        print("qkv demo: interrupted", file=sys.stderr)
+        return 130
+    except CheckpointError as e:
+        return _fail("qkv demo", str(e))
     except OSError as e:
         return _fail("qkv demo", f"cannot write to {args.out}: {e}")
     return 0

@@ -2,11 +2,14 @@
 
     from qkv.demo import run_demo
     metrics = run_demo("runs/demo")        # trains, evaluates, writes checkpoint and heatmaps
+    run_demo("runs/demo", resume=True)     # continues from runs/demo/train_state.pt
 
-Modules: `dates` (the task: written forms, split by date, vocabularies), `train` (length
-buckets, schedule, training loop, KV-cache evaluation), `checkpoint` (atomic save, checked
-load), `heatmaps` (PNG attention maps and index.html), `shapes` (the `qkv shapes` walk).
-tqdm and matplotlib are imported only when training and plotting.
+The same call runs data-parallel under `torchrun --nproc-per-node N -m qkv demo` (see
+docs/training.md). Modules: `dates` (the task: written forms, split by date, vocabularies),
+`train` (length buckets, resumable batch stream, schedule, training loop, KV-cache
+evaluation), `checkpoint` (atomic save, checked load, training state), `heatmaps` (PNG
+attention maps and index.html), `shapes` (the `qkv shapes` walk). tqdm and matplotlib are
+imported only when training and plotting.
 """
 
 from __future__ import annotations
@@ -16,15 +19,26 @@ import os
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from ..distributed import ddp
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    TrainState,
+    atomic_write,
+    load_checkpoint,
+    load_train_state,
+    save_checkpoint,
+)
 from .dates import FORMS, UnknownCharacterError, Vocab
 from .train import (
     QUICK,
     DemoConfig,
+    TrainingInterrupted,
     available_cores,
+    check_resumable,
     evaluate,
     prepare,
     set_threads,
@@ -35,18 +49,24 @@ from .train import (
 __all__ = [
     "FORMS",
     "QUICK",
+    "TRAIN_STATE",
     "Checkpoint",
     "CheckpointError",
     "DemoConfig",
+    "TrainState",
+    "TrainingInterrupted",
     "UnknownCharacterError",
     "Vocab",
     "display_width",
     "load_checkpoint",
+    "load_train_state",
     "pad",
     "run_demo",
     "save_checkpoint",
     "translate",
 ]
+
+TRAIN_STATE = "train_state.pt"  # in the output directory: what --resume continues from
 
 # Forms whose attention maps are drawn: a weekday to ignore, Chinese numerals to combine,
 # a numeric form whose order comes from its separator, and an ordinal.
@@ -87,54 +107,92 @@ def run_demo(
     config: DemoConfig | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    resume: bool = False,
+    checkpoint_every: int = 200,
 ) -> dict:
     """Train on the date task, evaluate, and write everything under `out`; returns metrics.
 
-    Writes out/model.pt (atomically), out/metrics.json, out/heatmaps/*.png, out/index.html.
-    torch's thread count (fixed by `config.threads`, else chosen while training) is
-    restored afterwards.
+    Writes out/train_state.pt every `checkpoint_every` steps and at the end (what `resume`
+    continues from, bit for bit), then out/model.pt, out/metrics.json, out/heatmaps/*.png
+    and out/index.html, each atomically. Ctrl-C or SIGTERM while training saves the state
+    after the step under way and raises TrainingInterrupted; `resume` with a config that
+    trains differently raises CheckpointError.
+
+    Under torchrun (RANK, WORLD_SIZE, ... set) it joins the process group and trains
+    data-parallel; only rank 0 prints, evaluates and writes files; the other ranks return
+    {"rank", "world_size", "steps", "final_loss"}. Each process then uses one torch thread
+    unless `config.threads` says otherwise. torch's thread count is restored afterwards.
     """
     import torch
+    import torch.distributed as dist
 
     config = config or (QUICK if quick else DemoConfig())
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    joined = not (dist.is_available() and dist.is_initialized())  # then we leave it too
+    here = ddp.setup_from_env()
+    if here.distributed and config.threads is None:
+        # N processes with one thread each already fill N cores; more threads per process
+        # would oversubscribe them (OpenMP threads spin waiting for descheduled peers).
+        config = replace(config, threads=1)
+    if here.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     previous = torch.get_num_threads()
     try:
         if config.threads is not None:
             set_threads(config.threads)
-        return _run(out, config, quick, progress, echo)
+        return _run(out, config, quick, progress, echo, resume, checkpoint_every, here)
     finally:
         torch.set_num_threads(previous)
+        if joined:
+            ddp.cleanup()
 
 
-def _run(out: Path, config: DemoConfig, quick: bool, progress: bool, echo) -> dict:
+def _thread_note(config: DemoConfig, cores: int, here: ddp.DistInfo) -> str:
+    if here.distributed:
+        return f"{config.threads} in each of {here.world_size} processes (data-parallel)"
+    if config.threads or cores == 1:
+        return str(config.threads or 1)
+    return f"1 or {cores}, whichever runs faster (timed every 200 steps)"
+
+
+def _run(out: Path, config: DemoConfig, quick: bool, progress: bool, echo, resume: bool,
+         checkpoint_every: int, here: ddp.DistInfo) -> dict:  # fmt: skip
     import torch
 
     import qkv
 
     from .heatmaps import write_heatmaps, write_index
 
+    say = echo if here.is_main else (lambda _: None)
     cores = available_cores()
+    state_path = out / TRAIN_STATE
+    state = load_train_state(state_path) if resume else None
+    if state is not None:  # before the data is built: a wrong config fails at once
+        check_resumable(state.demo_config, config, str(state_path))
     start = time.perf_counter()
     train_set, heldout, src, tgt = prepare(config)
     prepare_seconds = time.perf_counter() - start
-    echo(
+    say(
         f"qkv demo: {len(train_set):,} training examples ({len(FORMS)} written forms), "
         f"{len(heldout):,} held out on unseen dates; torch threads: "
-        + (
-            str(config.threads or 1)
-            if config.threads or cores == 1
-            else f"1 or {cores}, whichever runs faster (timed every 200 steps)"
-        )
+        + _thread_note(config, cores, here)
     )
-    result = train(config, train_set, src, tgt, progress=progress)
+    if state is not None:
+        say(f"resuming from {state_path} at step {state.step:,} of {config.steps:,}")
+    elif state_path.exists():
+        say(f"note: {state_path} will be overwritten (pass --resume to continue that run)")
+    result = train(config, train_set, src, tgt, progress=progress, state_path=state_path,
+                   checkpoint_every=checkpoint_every, resume=state)  # fmt: skip
+    if not here.is_main:
+        ddp.barrier()  # wait while rank 0 evaluates and writes
+        return {"rank": here.rank, "world_size": here.world_size, "steps": result.steps,
+                "final_loss": result.final_loss}  # fmt: skip
     model = result.model
     params = sum(p.numel() for p in model.parameters())
-    echo(f"trained {params:,} parameters in {result.seconds:.1f} s ({result.steps:,} steps)")
+    say(f"trained {params:,} parameters in {result.seconds:.1f} s ({result.steps:,} steps)")
 
     ev = evaluate(model, heldout, src, tgt)
-    echo(
+    say(
         f"exact match on {ev.total:,} held-out examples: {ev.exact_match:.2%} "
         f"({ev.correct:,}/{ev.total:,}, greedy decoding with a KV cache, {ev.seconds:.1f} s)"
     )
@@ -166,10 +224,13 @@ def _run(out: Path, config: DemoConfig, quick: bool, progress: bool, echo) -> di
         "final_loss": result.final_loss,
         "final_token_accuracy": result.final_token_accuracy,
         "threads": {"fixed": config.threads, "cores": cores, "chosen": result.thread_choices},
+        "processes": here.world_size,
+        "resumed_from_step": result.resumed_from,
         "quick": quick,
         "config": {"demo": asdict(config), "model": asdict(model.config)},
         "exact_match_by_form": ev.by_form,
         "checkpoint": checkpoint.name,
+        "train_state": state_path.name,
         "heatmaps": figures,
         "samples": samples,
         "history": result.history,
@@ -179,16 +240,17 @@ def _run(out: Path, config: DemoConfig, quick: bool, progress: bool, echo) -> di
     atomic_write(out / "metrics.json", lambda f: f.write(text.encode("utf-8")))
     index = write_index(out, metrics, figures, samples)
 
-    echo("\nsample translations (held-out dates):")
+    say("\nsample translations (held-out dates):")
     width = max((display_width(s["source"]) for s in samples), default=0)
     for s in samples:
         mark = "ok" if s["correct"] else f"WRONG, expected {s['target']}"
-        echo(f"  {pad(s['source'], width)}  ->  {s['prediction']:<10}  {mark}")
+        say(f"  {pad(s['source'], width)}  ->  {s['prediction']:<10}  {mark}")
     wrong = [(e, p) for e, p in zip(heldout, ev.predictions, strict=True) if p != e.target]
     if wrong:
-        echo(f"\n{len(wrong)} held-out mistakes, for example:")
+        say(f"\n{len(wrong)} held-out mistakes, for example:")
         for e, p in wrong[:MISTAKES]:
-            echo(f"  {e.source}  ->  {p}  (expected {e.target}, form {e.form})")
-    echo(f"\nwrote {out / 'metrics.json'}, {checkpoint}, {len(figures) * 2} heatmaps, {index}")
-    echo(f"try: qkv translate '21 November 2026' --checkpoint {checkpoint}")
+            say(f"  {e.source}  ->  {p}  (expected {e.target}, form {e.form})")
+    say(f"\nwrote {out / 'metrics.json'}, {checkpoint}, {len(figures) * 2} heatmaps, {index}")
+    say(f"try: qkv translate '21 November 2026' --checkpoint {checkpoint}")
+    ddp.barrier()  # the other ranks wait here until everything is written
     return metrics

@@ -8,6 +8,13 @@ loading never runs pickled code):
      "src_vocab": [characters], "tgt_vocab": [characters],
      "state_dict": {name: tensor}, "meta": {...anything JSON-like...}}
 
+The training state that `qkv demo --resume` continues from (`train_state.pt`, written every
+N steps, at the end and on Ctrl-C) is the same dict with format "qkv.demo.train_state" and
+what training needs on top: "step" (optimiser steps done), "demo_config" (DemoConfig
+fields), "optimizer" (its state_dict), "data" (the batch stream's position), "rng" (torch's
+global generator) and "progress" (losses so far, examples seen, seconds). `load_checkpoint`
+reads either file, so `qkv translate` can use a run's latest training state.
+
 Atomic write: the bytes go to a temporary file in the same directory, are flushed to disk,
 and only then `os.replace` puts the file in place (a rename, atomic on POSIX and Windows).
 A crash or an exception half-way leaves the previous checkpoint untouched and no temporary
@@ -31,16 +38,21 @@ from .dates import Vocab
 
 __all__ = [
     "FORMAT",
+    "TRAIN_STATE_FORMAT",
     "VERSION",
     "Checkpoint",
     "CheckpointError",
+    "TrainState",
     "atomic_write",
     "load_checkpoint",
+    "load_train_state",
     "save_checkpoint",
+    "save_train_state",
 ]
 
 FORMAT = "qkv.demo.dates"
-VERSION = 1
+TRAIN_STATE_FORMAT = "qkv.demo.train_state"
+VERSION = 1  # of both formats
 
 
 class CheckpointError(ValueError):
@@ -55,6 +67,21 @@ class Checkpoint:
     src_vocab: Vocab
     tgt_vocab: Vocab
     meta: dict
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Everything `--resume` needs to continue training exactly where it stopped."""
+
+    step: int  # optimiser steps done
+    demo_config: dict  # DemoConfig fields of the run
+    model: Transformer  # the weights after `step` steps (train mode)
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+    optimizer: dict  # torch.optim.Optimizer.state_dict()
+    data: dict  # BatchStream.state_dict(): where the batches are
+    rng: torch.Tensor  # torch.get_rng_state()
+    progress: dict  # per-step losses and accuracies, examples seen, seconds, threads
 
 
 def _file_mode(path: Path) -> int:
@@ -101,10 +128,30 @@ def save_checkpoint(
     meta: dict | None = None,
 ) -> Path:
     """Write `model` and its vocabularies to `path` atomically; returns the path."""
+    payload = _model_payload(FORMAT, model, src_vocab, tgt_vocab, meta)
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def save_train_state(path: str | os.PathLike, state: TrainState) -> Path:
+    """Write `state` to `path` atomically (a crash mid-write leaves the previous one)."""
+    meta = {"step": state.step, "steps": state.demo_config.get("steps")}
+    payload = {
+        **_model_payload(TRAIN_STATE_FORMAT, state.model, state.src_vocab, state.tgt_vocab, meta),
+        "step": state.step,
+        "demo_config": dict(state.demo_config),
+        "optimizer": state.optimizer,
+        "data": state.data,
+        "rng": state.rng,
+        "progress": state.progress,
+    }
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _model_payload(fmt: str, model: Transformer, src_vocab, tgt_vocab, meta) -> dict:
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a qkv.nn.Transformer; got {type(model).__name__}")
-    payload = {
-        "format": FORMAT,
+    return {
+        "format": fmt,
         "version": VERSION,
         "model_config": asdict(model.config),
         "src_vocab": src_vocab.to_list(),
@@ -112,7 +159,6 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def _read(path: Path) -> Any:
@@ -152,19 +198,24 @@ def _check_state(model: Transformer, state: Any, path: Path) -> dict:
     return state
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint`; CheckpointError with one clear line
-    for a missing, truncated, corrupt, foreign or inconsistent file."""
-    path = Path(path)
-    data = _read(path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(f"{path} is not a qkv demo checkpoint (format {found!r})")
+_KINDS = {FORMAT: "a model checkpoint", TRAIN_STATE_FORMAT: "a training state"}
+
+
+def _check_header(path: Path, data: Any, formats: tuple[str, ...], what: str) -> dict:
+    found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if isinstance(found, str) and found in _KINDS and found not in formats:
+        raise CheckpointError(f"{path} is {_KINDS[found]}, not {what}")
+    if found not in formats:
+        raise CheckpointError(f"{path} is not {what} (format {found!r})")
     version = data.get("version")
-    if not isinstance(version, int) or version > VERSION or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
         raise CheckpointError(
             f"{path} has checkpoint version {version!r}; this qkv reads version {VERSION}"
         )
+    return data
+
+
+def _load_model(path: Path, data: dict) -> tuple[Transformer, Vocab, Vocab]:
     try:
         config_fields = {f.name for f in fields(TransformerConfig)}
         raw = data["model_config"]
@@ -179,6 +230,45 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     model = Transformer(config)
     model.load_state_dict(_check_state(model, data.get("state_dict"), path))
+    return model, src_vocab, tgt_vocab
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint` (or a training state written by
+    `save_train_state`: its model); CheckpointError with one clear line for a missing,
+    truncated, corrupt, foreign or inconsistent file."""
+    path = Path(path)
+    data = _check_header(path, _read(path), (FORMAT, TRAIN_STATE_FORMAT), "a qkv demo checkpoint")
+    model, src_vocab, tgt_vocab = _load_model(path, data)
     model.eval()
     meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
     return Checkpoint(model, src_vocab, tgt_vocab, meta)
+
+
+def load_train_state(path: str | os.PathLike) -> TrainState:
+    """Read a training state written by `save_train_state`, with the same checks as
+    `load_checkpoint` and of every training field's type; the optimizer's and the batch
+    stream's contents are checked against the model when training restores them."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"no training state at {path} to resume (run without --resume to start one)"
+        )
+    data = _check_header(path, _read(path), (TRAIN_STATE_FORMAT,), "a qkv demo training state")
+    model, src_vocab, tgt_vocab = _load_model(path, data)
+    kinds = {"step": int, "demo_config": dict, "optimizer": dict, "data": dict,
+             "rng": torch.Tensor, "progress": dict}  # fmt: skip
+    for key, kind in kinds.items():
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            got = type(data.get(key)).__name__ if key in data else "nothing"
+            raise CheckpointError(
+                f"{path}: training state field {key!r} is {got}, not {kind.__name__}"
+            )
+    steps = data["demo_config"].get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= data["step"] <= steps:
+        raise CheckpointError(f"{path}: step {data['step']} of {steps!r} steps is impossible")
+    model.train()
+    return TrainState(
+        data["step"], data["demo_config"], model, src_vocab, tgt_vocab, data["optimizer"],
+        data["data"], data["rng"], data["progress"],
+    )  # fmt: skip
