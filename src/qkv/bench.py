@@ -150,10 +150,11 @@ def _callables(c: Case) -> dict[str, Callable]:
 
 
 def _time_interleaved(calls: dict[str, Callable], c: Case, repeats: int) -> dict[str, float]:
-    inputs = {name: _inputs(c, c.backward) for name in calls}
+    # one set of inputs for every contender: separate copies land in different memory and
+    # that alone moved memory-bound cases (decoding) by 20-30% between contenders
+    q, k, v = _inputs(c, c.backward)
 
     def once(name):
-        q, k, v = inputs[name]
         t0 = time.perf_counter()
         out = calls[name](q, k, v)
         if c.backward:
