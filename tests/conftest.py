@@ -118,5 +118,20 @@ def naive_lse(q, k, allowed=None, scale=None):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP contention on a shared machine (and is faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randn64(*shape, seed=0):
+    """float64 standard normal values from their own seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)

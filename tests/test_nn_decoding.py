@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 
+from conftest import randn64 as _randn
 from qkv.nn import (
     ALiBi,
     DecoderLM,
@@ -29,18 +30,7 @@ TIGHT = {"atol": 1e-10, "rtol": 1e-10}
 POSITIONAL = ["sinusoidal", "learned", "rope", "alibi"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids contention on a shared machine (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randn(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=F64)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(B, T, V, seed=0, low=3):

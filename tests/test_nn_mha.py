@@ -12,24 +12,14 @@ import torch
 from torch import nn
 
 import qkv
+from conftest import randn64 as _randn
 from qkv.nn import ALiBi, MultiHeadAttention, RotaryEmbedding
 
 F64 = torch.float64
 TIGHT = {"atol": 1e-10, "rtol": 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids contention on a shared machine (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randn(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=F64)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torch_mha(E, H, *, kdim=None, vdim=None, bias=True, batch_first=True, seed=0, **kw):

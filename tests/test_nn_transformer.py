@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randn64 as _randn
 from qkv.nn import (
     DecoderLM,
     DecoderLMConfig,
@@ -27,18 +28,7 @@ TIGHT = {"atol": 1e-10, "rtol": 1e-10}
 E, H, F = 12, 3, 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids contention on a shared machine (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randn(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=F64)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(module: nn.Module, seed: int = 0) -> nn.Module:
