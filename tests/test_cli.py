@@ -285,3 +285,19 @@ def test_python_dash_m_qkv():
     bad = subprocess.run([sys.executable, "-m", "qkv", "shapes", "--batch", "2"],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bench_writes_table_results_and_plot(tmp_path, capsys):
+    """The real qkv.bench: one small case, then the length sweep and its plot."""
+    import json as _json
+
+    from qkv import bench
+
+    assert bench.main(["--quick", "--repeats", "1", "--only", "decode Tq=1, window",
+                       "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert "| decode Tq=1, window |" in (tmp_path / "table.md").read_text()
+    results = _json.loads((tmp_path / "results.json").read_text())
+    assert set(results["sweeps"]) == {"causal", "window 256"}
+    assert {"qkv", "sdpa"} <= set(results["sweeps"]["causal"])
+    png = (tmp_path / "time_vs_length.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -111,7 +111,9 @@ def test_auto_dispatch_uses_tiled_for_weights_without_grad():
     q, k, v = make_qkv((1, 2, 2, 300, 300, 8, 8), torch.float32)
     with torch.no_grad():
         assert qkv.explain(q, k, v, causal=True, return_weights=True).name == "tiled"
-        assert qkv.explain(q, k, v, mask=masks.window(16)).name == "tiled"
+        assert qkv.explain(q, k, v, mask=masks.window(16)).name == "fused"  # small: dense
+        big = make_qkv((1, 2, 2, 1100, 1100, 8, 8), torch.float32)
+        assert qkv.explain(*big, mask=masks.window(16)).name == "tiled"
     assert qkv.explain(q, k, v, causal=True, return_weights=True).name == "reference"
 
 

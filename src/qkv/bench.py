@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import pathlib
 import platform
 import statistics
 import time
@@ -311,12 +312,52 @@ def format_table(cases: list[Case], gemm: dict) -> str:
     return header + "\n\n" + "\n".join(lines)
 
 
+def length_sweep(quick: bool, repeats: int) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Forward time against sequence length: causal (qkv, sdpa) and a 256-key window
+    (qkv, sdpa with the dense mask), H=4, D=64."""
+    lengths = [256, 512, 1024] if quick else [1024, 2048, 4096, 8192]
+    sweeps: dict[str, dict[str, list[tuple[int, float]]]] = {"causal": {}, "window 256": {}}
+    for T in lengths:
+        for name, case in (
+            ("causal", Case("causal", 1, 4, T, T, causal=True, contenders=("qkv", "sdpa"))),
+            ("window 256", Case("window", 1, 4, T, T, mask=masks.window(255),
+                                contenders=("qkv", "sdpa-mask"))),
+        ):  # fmt: skip
+            medians = _time_interleaved(_callables(case), case, repeats)
+            for contender, seconds in medians.items():
+                sweeps[name].setdefault(contender, []).append((T, seconds))
+    return sweeps
+
+
+def plot_sweep(sweeps, path) -> None:
+    """Save time against length, one panel per mask, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
+    for ax, (mask, series) in zip(axes[0], sweeps.items(), strict=True):
+        for contender, points in series.items():
+            ax.plot(*zip(*points, strict=True), marker="o", label=contender)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="seconds",
+               title=f"{mask}, forward (B=1, H=4, D=64)")  # fmt: skip
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="qkv bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per contender")
     parser.add_argument("--only", default=None, help="run the cases whose name contains this")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--out", default=None, help="write table.md, results.json and time_vs_length.png here"
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
@@ -341,9 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(cases, gemm)
     print()
     print(table)
+    results = {c.name: c.results for c in cases} | {"gemm": gemm}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({c.name: c.results for c in cases} | {"gemm": gemm}, f, indent=2)
+            json.dump(results, f, indent=2)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(table + "\n")
+        sweeps = length_sweep(args.quick, repeats)
+        (out / "results.json").write_text(json.dumps(results | {"sweeps": sweeps}, indent=2))
+        plot_sweep(sweeps, out / "time_vs_length.png")
+        print(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {out / 'time_vs_length.png'}")
     return 0
 
 
