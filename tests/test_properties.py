@@ -48,31 +48,17 @@ KERNELS = ["reference", "fused", "tiled", "tiled-small"]
 # ---- running one kernel ----------------------------------------------------------------
 
 
-def _problem(q, k, v, **options):
-    defaults = dict(
-        mask=None,
-        bias=None,
-        causal=False,
-        scale=None,
-        dropout_p=0.0,
-        generator=None,
-        return_weights=False,
-        return_lse=False,
-    )
-    return build_problem(q, k, v, **{**defaults, **options})
-
-
 def run_kernel(kernel: str, q, k, v, *, block=(16, 8), **options) -> qkv.AttentionOutput:
     """One call on one kernel; "tiled-small" is the tiled kernel with `block` tiles."""
     if kernel == "tiled-small":
-        p = _problem(q, k, v, **options)
+        p = build_problem(q, k, v, **options)
         return tiled.run(q, k, v, p, block_q=block[0], block_k=block[1])
     res = qkv.attention(q, k, v, kernel=kernel, **options)
     return res if isinstance(res, qkv.AttentionOutput) else qkv.AttentionOutput(res)
 
 
 def fused_supports(q, k, v, **options) -> bool:
-    return kernels.KERNELS["fused"].unsupported(_problem(q, k, v, **options)) is None
+    return kernels.KERNELS["fused"].unsupported(build_problem(q, k, v, **options)) is None
 
 
 # ---- strategies ------------------------------------------------------------------------
@@ -303,7 +289,7 @@ def check_case(case: Case, kernel: str) -> None:
         options.pop("bias")
     if kernel.startswith("tiled") and currently_in_test_context():
         tiles = case.block if kernel == "tiled-small" else (tiled.BLOCK_Q, tiled.BLOCK_K)
-        plan = plan_tiles(_problem(q, k, v, mask=mask, causal=causal).mask, Tq, Tk, *tiles)
+        plan = plan_tiles(build_problem(q, k, v, mask=mask, causal=causal).mask, Tq, Tk, *tiles)
         most = max((len(blk.segments) for blk in plan), default=0)
         event("tiles: partial results merged" if most > 1 else "tiles: one segment per block")
     res = run_kernel(kernel, q, k, v, block=case.block, **options)

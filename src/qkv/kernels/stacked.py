@@ -18,7 +18,7 @@ import torch
 from .fused import POISON_BELOW_KEYS, poison
 from .tiles import Job
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "forward", "merge"]
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -118,9 +118,13 @@ def _calls(x, job: Job, B: int):
     yield q, kk, vv, add, rows, ("gathered", q_idx, k_idx)
 
 
-def _merge(acc_o, acc_l, o, l):
-    """Merge two partial results over disjoint keys; rows empty in both stay 0 / -inf."""
-    new_l = torch.logaddexp(acc_l, l)  # (B, T, H)
+def merge(acc_o, acc_l, o, l):
+    """Merge two partial results over disjoint keys; rows empty in both stay 0 / -inf.
+
+    out (..., R, W) and lse (..., R) for any leading shape: lse = logaddexp(lse₁, lse₂),
+    out = out₁·exp(lse₁ − lse) + out₂·exp(lse₂ − lse).
+    """
+    new_l = torch.logaddexp(acc_l, l)  # (..., R)
     live = torch.isfinite(new_l)
     w_acc = torch.where(live, torch.exp(acc_l - new_l), 0.0)[..., None]
     w_new = torch.where(live, torch.exp(l - new_l), 0.0)[..., None]
@@ -165,7 +169,7 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
         if acc_o is None:
             acc_o, acc_l = slab_o, slab_l
         else:
-            acc_o, acc_l = _merge(acc_o, acc_l, slab_o, slab_l)
+            acc_o, acc_l = merge(acc_o, acc_l, slab_o, slab_l)
     if acc_o is None:  # no job at all: every row sees nothing
         acc_o = torch.zeros(B, T, H, W, dtype=dtype, device=device)
         acc_l = torch.full((B, T, H), float("-inf"), dtype=dtype, device=device)

@@ -159,15 +159,6 @@ def _segment_forward(x: _Inputs, p: Problem, bias, blk, seg, seed, engine):
     return out, lse
 
 
-def _merge(out, lse, out_s, lse_s):
-    """Combine two partial results over disjoint keys (empty rows stay 0 / -inf)."""
-    new = torch.logaddexp(lse, lse_s)  # (B, Hq, q)
-    finite = torch.isfinite(new)
-    w_old = torch.where(finite, torch.exp(lse - new), 0.0)[..., None]
-    w_new = torch.where(finite, torch.exp(lse_s - new), 0.0)[..., None]
-    return out * w_old + out_s * w_new, new
-
-
 def _forward(x: _Inputs, p: Problem, bias, plan, seed, engine):
     stat = _stat_dtype(x.q.dtype)
     out = _zeros_token_major(p.B, p.Hq, p.Tq, x.width, like=x.q, dtype=stat)
@@ -178,7 +169,7 @@ def _forward(x: _Inputs, p: Problem, bias, plan, seed, engine):
         o_blk, l_blk = _segment_forward(x, p, bias, blk, blk.segments[0], seed, engine)
         for seg in blk.segments[1:]:
             o_s, l_s = _segment_forward(x, p, bias, blk, seg, seed, engine)
-            o_blk, l_blk = _merge(o_blk, l_blk, o_s, l_s)
+            o_blk, l_blk = stacked.merge(o_blk, l_blk, o_s, l_s)
         out[:, :, blk.q0 : blk.q1] = o_blk
         lse[:, :, blk.q0 : blk.q1] = l_blk
     return out, lse
