@@ -1,8 +1,9 @@
 """Measure the tiled kernel's tile sizes: `python benchmarks/tile_sizes.py [--quick]`.
 
 For each workload, times the tiled kernel forward (and forward+backward) with several
-(block_q, block_k) pairs, interleaved, medians. The defaults in qkv/kernels/tiled.py are
-chosen from this table.
+(block_q, block_k) pairs, interleaved, medians; then, with the default tiles, the rows of
+the sub-blocks masked blocks are refined into (forward; 256 = not refined). The defaults
+in qkv/kernels/tiles.py (BLOCK_Q, BLOCK_K, REFINE_ROWS) are chosen from these tables.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from qkv._validate import build_problem
 from qkv.kernels import tiled
 
 SIZES = [(64, 64), (128, 64), (128, 128), (256, 64), (256, 128), (256, 256), (512, 128)]
+REFINE_ROWS = [16, 32, 64, 128, 256]
 
 
 def workloads(quick: bool):
@@ -32,24 +34,26 @@ def workloads(quick: bool):
     }
 
 
-def time_sizes(B, H, T, mask, causal, backward, repeats):
+def time_sizes(B, H, T, mask, causal, backward, repeats, configs=None):
+    """Median seconds per config: (block_q, block_k) or (block_q, block_k, refine_rows)."""
+    configs = configs or SIZES
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, T, 64, generator=g).requires_grad_(backward) for _ in range(3))
     p = build_problem(q, k, v, mask=mask, causal=causal, return_lse=True)
 
-    def once(bq, bk):
+    def once(bq, bk, rows=tiled.REFINE_ROWS):
         t0 = time.perf_counter()
-        out = tiled.run(q, k, v, p, block_q=bq, block_k=bk).output
+        out = tiled.run(q, k, v, p, block_q=bq, block_k=bk, refine_rows=rows).output
         if backward:
             out.sum().backward()
         return time.perf_counter() - t0
 
-    for bq, bk in SIZES:
-        once(bq, bk)
-    times = {size: [] for size in SIZES}
+    for config in configs:
+        once(*config)
+    times = {config: [] for config in configs}
     for _ in range(repeats):
-        for size in SIZES:
-            times[size].append(once(*size))
+        for config in configs:
+            times[config].append(once(*config))
     return {size: statistics.median(ts) for size, ts in times.items()}
 
 
@@ -67,6 +71,15 @@ def main() -> None:
             cells = [f"{1e3 * t[s]:.0f}{'*' if t[s] == best else ''}" for s in SIZES]
             label = "fwd+bwd" if backward else "fwd"
             print(f"| {name} (T={T}) | {label} | " + " | ".join(cells) + " |", flush=True)
+    head = " | ".join(f"{r} rows" for r in REFINE_ROWS)
+    print(f"\n| workload (256×256 tiles, fwd) | {head} |")
+    print("|---|" + "---:|" * len(REFINE_ROWS))
+    for name, (B, H, T, mask, causal) in workloads(args.quick).items():
+        configs = [(256, 256, rows) for rows in REFINE_ROWS]
+        t = time_sizes(B, H, T, mask, causal, False, args.repeats, configs)
+        best = min(t.values())
+        cells = [f"{1e3 * t[c]:.0f}{'*' if t[c] == best else ''}" for c in configs]
+        print(f"| {name} (T={T}) | " + " | ".join(cells) + " |", flush=True)
     print("\ntimes in ms, * = fastest")
 
 

@@ -297,7 +297,21 @@ def test_bench_writes_table_results_and_plot(tmp_path, capsys):
                        "--out", str(tmp_path)]) == 0  # fmt: skip
     assert "| decode Tq=1, window |" in (tmp_path / "table.md").read_text()
     results = _json.loads((tmp_path / "results.json").read_text())
+    for contender in ("qkv", "sdpa-mask"):  # measured in a fresh process each
+        assert results["decode Tq=1, window"][contender]["peak_mib"] >= 0
     assert set(results["sweeps"]) == {"causal", "window 256"}
     assert {"qkv", "sdpa"} <= set(results["sweeps"]["causal"])
     png = (tmp_path / "time_vs_length.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_peak_memory_sees_the_score_matrix():
+    """naive attention holds (B, H, T, T) scores; torch's fused kernel never does."""
+    from qkv import bench
+
+    case = next(c for c in bench.suite(quick=True) if c.name == "dense")
+    scores_mib = case.B * case.H * case.Tq * case.Tk * 4 / 2**20  # float32 scores
+    naive = bench.peak_memory("dense", "naive", quick=True)
+    fused = bench.peak_memory("dense", "qkv", quick=True)
+    assert naive is not None and fused is not None
+    assert naive >= scores_mib and naive > 3 * fused

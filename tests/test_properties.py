@@ -49,10 +49,12 @@ KERNELS = ["reference", "fused", "tiled", "tiled-small"]
 
 
 def run_kernel(kernel: str, q, k, v, *, block=(16, 8), **options) -> qkv.AttentionOutput:
-    """One call on one kernel; "tiled-small" is the tiled kernel with `block` tiles."""
+    """One call on one kernel; "tiled-small" is the tiled kernel with `block` tiles (and
+    masked blocks refined into sub-blocks of a quarter of their rows)."""
     if kernel == "tiled-small":
         p = build_problem(q, k, v, **options)
-        return tiled.run(q, k, v, p, block_q=block[0], block_k=block[1])
+        rows = max(1, block[0] // 4)
+        return tiled.run(q, k, v, p, block_q=block[0], block_k=block[1], refine_rows=rows)
     res = qkv.attention(q, k, v, kernel=kernel, **options)
     return res if isinstance(res, qkv.AttentionOutput) else qkv.AttentionOutput(res)
 

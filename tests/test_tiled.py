@@ -22,12 +22,12 @@ from conftest import (
 from qkv import masks
 from qkv._validate import build_problem
 from qkv.kernels import tiled
-from qkv.kernels.tiles import group_jobs, plan_tiles
+from qkv.kernels.tiles import group_jobs, plan_tiles, refine_jobs
 
 
-def run_tiled(q, k, v, *, block_q=16, block_k=8, **options):
+def run_tiled(q, k, v, *, block_q=16, block_k=8, refine_rows=4, **options):
     p = build_problem(q, k, v, **{"return_lse": True, **options})
-    return tiled.run(q, k, v, p, block_q=block_q, block_k=block_k)
+    return tiled.run(q, k, v, p, block_q=block_q, block_k=block_k, refine_rows=refine_rows)
 
 
 def _masks(B, Tq, Tk):
@@ -225,6 +225,64 @@ def test_plan_skips_empty_tiles_and_keeps_masks_small():
             assert seg.mask is None or seg.k1 - seg.k0 <= 1024 + 2 * 128
 
 
+def test_refined_window_reads_the_window_plus_one_sub_block():
+    """256-row blocks of a 256-key window become 32-row sub-blocks in one regular job."""
+    from qkv.kernels import stacked
+
+    T, w = 16384, 256
+    jobs = group_jobs(plan_tiles(masks.window(w - 1), T, T, 256, 256), heads=4)
+    fine = refine_jobs(jobs, T, rows=32)
+    interior = max(fine, key=lambda j: len(j.q_starts))
+    assert interior.rows == 32 and interior.keys == w + 32  # 287 keys widened to 288
+    assert len(interior.q_starts) == (T - 256) // 32
+    assert stacked._steps(interior) == (32, 32)  # overlapping views, one fused call
+    assert all(m is interior.masks[0] for m in interior.masks)  # one shared pattern
+    computed = sum(len(j.q_starts) * j.rows * j.keys for j in fine)
+    assert computed < 1.15 * T * w  # was (w + 256) keys per row before refinement
+    assert sum(len(j.q_starts) * j.rows for j in fine) == T  # every row exactly once
+
+
+@pytest.mark.parametrize("mask_name", ["window", "causal-window", "document", "document&causal"])
+@pytest.mark.parametrize("segments", ["few", "many"])
+def test_refined_jobs_change_nothing(mask_name, segments, monkeypatch):
+    """Sub-blocks (and their widened, masked key spans) give the unrefined results,
+    also when a block has several segments whose keys a widened span reaches into."""
+    from qkv.kernels import tiles
+
+    if segments == "many":  # full runs of more than 8 keys become segments of their own
+        monkeypatch.setattr(tiles, "_MAX_MASKED_FULL", 8)
+    B, Hq, Hkv, Tq, Tk = 2, 4, 2, 70, 90
+    mask, causal = _masks(B, Tq, Tk)[mask_name]
+    q, k, v = make_qkv((B, Hq, Hkv, Tq, Tk, 8, 8), torch.float64)
+    dout = torch.randn(B, Hq, Tq, 8, dtype=torch.float64)
+    refined = []
+    original = tiles.refine_jobs
+
+    def spy(jobs, Tk, rows):
+        out = original(jobs, Tk, rows)
+        refined.append(
+            len(out) != len(jobs) or any(a is not b for a, b in zip(out, jobs, strict=False))
+        )
+        return out
+
+    monkeypatch.setattr(tiled, "refine_jobs", spy)
+
+    def run(rows):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        res = run_tiled(qq, kk, vv, mask=mask, causal=causal, refine_rows=rows)
+        res.output.backward(dout)
+        return res.output, res.lse, qq.grad, kk.grad, vv.grad
+
+    whole = run(16)  # sub-blocks as large as the blocks: nothing to refine
+    assert not any(refined)
+    for rows in (4, 1):
+        refined.clear()
+        got = run(rows)
+        assert any(refined)  # the refinement really ran
+        for a, b in zip(got, whole, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("mask_name", ["window", "causal-window", "padding", "document&causal"])
 def test_strided_and_gathered_jobs_agree(mask_name, monkeypatch):
     """Evenly spaced blocks run on overlapping views; others on gathered copies: same result."""
@@ -242,11 +300,11 @@ def test_strided_and_gathered_jobs_agree(mask_name, monkeypatch):
         return res.output, res.lse, qq.grad, kk.grad, vv.grad
 
     steps = []
-    original = stacked._key_step
-    monkeypatch.setattr(stacked, "_key_step", lambda j: steps.append(original(j)) or steps[-1])
+    original = stacked._steps
+    monkeypatch.setattr(stacked, "_steps", lambda j: steps.append(original(j)) or steps[-1])
     strided = run()
     assert any(s is not None for s in steps)  # the strided path really ran
-    monkeypatch.setattr(stacked, "_key_step", lambda j: None)
+    monkeypatch.setattr(stacked, "_steps", lambda j: None)
     gathered = run()
     for a, b in zip(strided, gathered, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -2,8 +2,9 @@
 
 Letters: B batch, H heads, Tq/Tk lengths, D head dim.
 
-Every case times its contenders *interleaved* (one call of each in turn, repeated) and
-reports medians, so that a slow moment of the machine hits all of them alike. Contenders:
+Every case times its contenders *interleaved* (one call of each in turn, repeated, the
+first of a round rotating) and reports medians, so that a slow moment of the machine hits
+all of them alike. Contenders:
 
 - qkv        `qkv.attention` with the structured mask (what a user writes)
 - sdpa       torch's `scaled_dot_product_attention` where its own options express the case
@@ -13,7 +14,10 @@ reports medians, so that a slow moment of the machine hits all of them alike. Co
 
 "GEMM %" is the throughput of a contender on the FLOPs the mask actually needs (4·D per
 allowed (query, key) pair forward, 2.5× that forward+backward), as a fraction of a large
-matrix multiply measured in the same run.
+matrix multiply measured in the same run (after a warm-up: a cold first multiply reads
+up to 30% slower). "peak" is the resident memory one call adds above its inputs, measured
+in a fresh process per contender (the dense mask of sdpa-mask and naive counts; flex's
+compilation does not).
 
     python -m qkv.bench            # the full suite (a few minutes on 2 cores)
     python -m qkv.bench --quick    # seconds; smaller sizes
@@ -21,12 +25,16 @@ matrix multiply measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
+import os
 import pathlib
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +46,7 @@ import qkv
 from qkv import masks
 from qkv._argparse import OneLineParser
 
-__all__ = ["Case", "gemm_throughput", "main", "run_case"]
+__all__ = ["Case", "gemm_throughput", "main", "peak_memory", "run_case", "suite"]
 
 
 @dataclass
@@ -129,23 +137,25 @@ def _flex(c: Case):
     return (lambda q, k, v: compiled(q, k, v, block_mask=block)), time.perf_counter() - t0
 
 
-def _callables(c: Case) -> dict[str, Callable]:
-    allowed = c.allowed() if {"sdpa-mask", "naive"} & set(c.contenders) else None
+def _callables(c: Case, only: str | None = None) -> dict[str, Callable]:
+    """The case's contenders (or just `only`) as callables of (q, k, v); flex apart."""
+    wanted = set(c.contenders) if only is None else {only}
+    allowed = c.allowed() if {"sdpa-mask", "naive"} & wanted else None
     torch_causal = c.causal and c.mask is None and c.Tq == c.Tk
     # bottom-right causal with one query sees every key: torch's unmasked call is the same
     decoding = c.causal and c.mask is None and c.Tq == 1
-    calls: dict[str, Callable] = {
-        "qkv": lambda q, k, v: qkv.attention(q, k, v, mask=c.mask, causal=c.causal),
-    }
-    if "sdpa" in c.contenders and c.mask is None and (not c.causal or torch_causal or decoding):
+    calls: dict[str, Callable] = {}
+    if "qkv" in wanted:
+        calls["qkv"] = lambda q, k, v: qkv.attention(q, k, v, mask=c.mask, causal=c.causal)
+    if "sdpa" in wanted and c.mask is None and (not c.causal or torch_causal or decoding):
         calls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, is_causal=torch_causal
         )
-    if "sdpa-mask" in c.contenders and allowed is not None:
+    if "sdpa-mask" in wanted and allowed is not None:
         calls["sdpa-mask"] = lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed
         )
-    if "naive" in c.contenders:
+    if "naive" in wanted:
         calls["naive"] = lambda q, k, v: _naive(q, k, v, allowed)
     return calls
 
@@ -167,16 +177,22 @@ def _time_interleaved(calls: dict[str, Callable], c: Case, repeats: int) -> dict
     for name in calls:  # warm-up: first calls allocate and build caches
         once(name)
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name in calls:
+    names = list(calls)
+    for i in range(repeats):
+        # start each round with a different contender: what one leaves behind (caches,
+        # freed memory) then weighs on every contender in turn
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             times[name].append(once(name))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def gemm_throughput(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n×n×n matrix multiply in `dtype` (median of `repeats`)."""
+def gemm_throughput(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 9) -> float:
+    """FLOP/s of an n×n×n matrix multiply in `dtype` (median of `repeats`, after ~1 s of
+    warm-up: the first multiplies of a process run up to 30% slower)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        a @ b
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -185,7 +201,66 @@ def gemm_throughput(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: 
     return 2 * n**3 / statistics.median(ts)
 
 
-def run_case(c: Case, repeats: int, gemm: float) -> Case:
+def _status_kib(field: str) -> int | None:
+    """A size from /proc/self/status (VmRSS, VmHWM) in KiB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def memory_child(case_name: str, contender: str, quick: bool) -> float:
+    """MiB of resident memory one call of `contender` adds above its inputs (in this
+    process, which should be fresh: see `peak_memory`)."""
+    import resource
+
+    c = next(case for case in suite(quick) if case.name == case_name)
+    q, k, v = _inputs(c, c.backward)
+    if contender == "flex":
+        call, _ = _flex(c)  # compiles (and runs once): not counted
+    else:
+        call = None
+    # a fresh peak from here on: Linux resets VmHWM to the current size on "5"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base, peak_of = _status_kib("VmRSS"), lambda: _status_kib("VmHWM")
+    except OSError:  # no reset: the peak so far is the baseline
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_of = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
+    if call is None:
+        call = _callables(c, only=contender)[contender]
+    out = call(q, k, v)
+    if c.backward:
+        out.backward(torch.ones_like(out))
+    return (peak_of() - base) / 1024
+
+
+def peak_memory(case_name: str, contender: str, quick: bool, timeout: float = 600) -> float | None:
+    """`memory_child` for the suite's case of that name, in a fresh interpreter; None if
+    it fails.
+
+    glibc keeps freed memory for reuse, which would hide allocations from the resident
+    size; a fixed mmap threshold makes every large block come from (and go back to) the
+    system, so the peak resident size sees them all.
+    """
+    cmd = [sys.executable, "-m", "qkv.bench", "--memory-of", case_name, contender]
+    cmd += ["--quick"] if quick else []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        return float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def run_case(c: Case, repeats: int, gemm: float, memory_quick: bool | None = None) -> Case:
+    """Time the case's contenders; with `memory_quick` (the suite's quick flag) also
+    measure each one's peak memory in a fresh process."""
     calls = _callables(c)
     compile_s = None
     if c.flex:
@@ -202,6 +277,9 @@ def run_case(c: Case, repeats: int, gemm: float) -> Case:
             "vs_sdpa": (t / base) if base else None,
             "gemm_fraction": flops / t / gemm,
         }
+    if memory_quick is not None:
+        for name in medians:
+            c.results[name]["peak_mib"] = peak_memory(c.name, name, memory_quick)
     if compile_s is not None:
         c.results["flex-compile-seconds"] = compile_s
     return c
@@ -287,8 +365,8 @@ def suite(quick: bool) -> list[Case]:
 
 def format_table(cases: list[Case], gemm: dict) -> str:
     lines = [
-        "| case | shape (B, H, Tq, Tk, D) | contender | time | × sdpa | GEMM % |",
-        "|---|---|---|---:|---:|---:|",
+        "| case | shape (B, H, Tq, Tk, D) | contender | time | × sdpa | GEMM % | peak |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for c in cases:
         shape = f"({c.B}, {c.H}, {c.Tq}, {c.Tk}, {c.D}) {str(c.dtype).replace('torch.', '')}"
@@ -296,13 +374,15 @@ def format_table(cases: list[Case], gemm: dict) -> str:
             if not isinstance(r, dict):
                 continue
             ratio = f"{r['vs_sdpa']:.2f}" if r["vs_sdpa"] else "—"
+            peak = r.get("peak_mib")
+            peak = "—" if peak is None else f"{peak:.0f} MiB"
             lines.append(
                 f"| {c.name} | {shape} | {name} | {r['seconds'] * 1e3:.1f} ms | {ratio} | "
-                f"{100 * r['gemm_fraction']:.0f}% |"
+                f"{100 * r['gemm_fraction']:.0f}% | {peak} |"
             )
         if "flex-compile-seconds" in c.results:
             lines.append(
-                f"| {c.name} | | flex compile | {c.results['flex-compile-seconds']:.1f} s | | |"
+                f"| {c.name} | | flex compile | {c.results['flex-compile-seconds']:.1f} s | | | |"
             )
     header = (
         f"{datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
@@ -358,7 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", default=None, help="write table.md, results.json and time_vs_length.png here"
     )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory runs (a fresh process each)"
+    )
+    parser.add_argument("--memory-of", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_of is not None:  # the child of peak_memory
+        print(memory_child(*args.memory_of, quick=args.quick))
+        return 0
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
     repeats = args.repeats or (3 if args.quick else 7)
@@ -369,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in suite(args.quick) if args.only is None or args.only in c.name]
     for c in cases:
         g = gemm["bfloat16" if c.dtype == torch.bfloat16 else "float32"]
-        run_case(c, repeats, g)
+        run_case(c, repeats, g, memory_quick=None if args.no_memory else args.quick)
         print(
             f"{c.name}: "
             + ", ".join(

@@ -7,8 +7,9 @@ Each `Job` (see tiles.py) is n query blocks, each with its own span of k keys. S
 by side along the batch axis they make one fused call instead of n. When the blocks are
 evenly spaced (a sliding window: block i reads keys from i·r + c on), the key spans are
 overlapping *views* of the key tensor (`as_strided`), so nothing is copied; otherwise
-they are gathered. Everything is token-major ((B, T, H, W) storage), the layout the fused
-kernel reads fastest.
+they are gathered. The windows are views of the inputs in whatever layout they come in
+((B, H, T, W) or token-major (B, T, H, W) storage): the fused kernel reads both through
+their strides. Results are written token-major, the layout the kernel returns.
 """
 
 from __future__ import annotations
@@ -24,34 +25,48 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _key_step(job: Job) -> int | None:
-    """The constant shift between the key spans of consecutive blocks, or None.
+def _steps(job: Job) -> tuple[int, int] | None:
+    """(query step, key step) between consecutive blocks of a regular job, or None.
 
-    Regular jobs have consecutive query blocks (q_i = q_0 + i·r) and key spans that shift
-    by a constant: r for a sliding window, 0 when every block reads the same keys.
+    Regular jobs have evenly spaced query blocks that do not overlap (q_i = q_0 + i·sq,
+    sq ≥ rows) and key spans shifting by a constant sk ≥ 0: for a sliding window
+    sq = sk = rows; sk = 0 when every block reads the same keys.
     """
     n, r = len(job.q_starts), job.rows
-    step = job.k_starts[1] - job.k_starts[0] if n > 1 else r
-    regular = step >= 0 and all(
-        job.q_starts[i] == job.q_starts[0] + i * r and job.k_starts[i] == job.k_starts[0] + i * step
-        for i in range(n)
+    if n == 1:
+        return r, r
+    sq, sk = job.q_starts[1] - job.q_starts[0], job.k_starts[1] - job.k_starts[0]
+    regular = (
+        sq >= r
+        and sk >= 0
+        and all(
+            job.q_starts[i] == job.q_starts[0] + i * sq
+            and job.k_starts[i] == job.k_starts[0] + i * sk
+            for i in range(n)
+        )
     )
-    return step if regular else None
+    return (sq, sk) if regular else None
 
 
-def _windows(x_tm: torch.Tensor, b: int, start: int, length: int, step: int, n: int):
-    """n windows x_tm[b, start + i·step : start + i·step + length] as (n, H, length, W).
+def _windows(x: torch.Tensor, b: int, start: int, length: int, step: int, n: int):
+    """n windows x[b, :, start + i·step : start + i·step + length] of a (B, H, T, W) tensor
+    as (n, H, length, W).
 
-    A view, never a copy: windows of a sliding-window job overlap in memory.
+    A view, never a copy, whatever the strides of x: windows of a sliding-window job
+    overlap in memory.
     """
-    _, _, H, W = x_tm.shape
-    s = x_tm.stride()
-    view = x_tm.as_strided(
-        (n, length, H, W),
-        (step * s[1], s[1], s[2], s[3]),
-        x_tm.storage_offset() + b * s[0] + start * s[1],
-    )
-    return view.transpose(1, 2)  # (n, H, length, W)
+    _, H, _, W = x.shape
+    sb, sh, st, sw = x.stride()
+    offset = x.storage_offset() + b * sb + start * st
+    return x.as_strided((n, H, length, W), (step * st, sh, st, sw), offset)
+
+
+def _rows(x: torch.Tensor, b: int, start: int, length: int, step: int, n: int):
+    """n row blocks x[b, start + i·step : start + i·step + length] of a (B, T, ...) tensor
+    as one (n, length, ...) view (the blocks must not overlap when it is written to)."""
+    st, rest = x.stride(1), x.stride()[2:]
+    offset = x.storage_offset() + b * x.stride(0) + start * st
+    return x.as_strided((n, length, *x.shape[2:]), (step * st, st, *rest), offset)
 
 
 def _indices(starts: tuple[int, ...], length: int, device) -> torch.Tensor:
@@ -60,10 +75,10 @@ def _indices(starts: tuple[int, ...], length: int, device) -> torch.Tensor:
     return (base + torch.arange(length, device=device)).flatten()
 
 
-def _gather(x_tm: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, T, H, W) storage, n blocks of positions -> (B·n, H, len, W) (a copy)."""
-    B, _, H, W = x_tm.shape
-    g = x_tm.index_select(1, idx)  # (B, n·len, H, W)
+def _gather(x: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, T, W), n blocks of positions -> (B·n, H, len, W) (a token-major copy)."""
+    B, H, _, W = x.shape
+    g = x.transpose(1, 2).index_select(1, idx)  # (B, n·len, H, W), contiguous
     return g.view(B * n, -1, H, W).transpose(1, 2)  # (B·n, H, len, W)
 
 
@@ -93,28 +108,28 @@ def _calls(x, job: Job, B: int):
     """
     n, r, k = len(job.q_starts), job.rows, job.keys
     allowed = _allowed(job)  # (Bm, n|1, Hm, r, k) or None
-    device = x.q_tm.device
-    step = _key_step(job)
-    if step is not None:
-        q0, k0 = job.q_starts[0], job.k_starts[0]
+    device = x.q.device
+    steps = _steps(job)
+    if steps is not None:
+        (sq, sk), q0, k0 = steps, job.q_starts[0], job.k_starts[0]
         for b in range(B):
-            q = _windows(x.q_tm, b, q0, r, r, n)  # (n, H, r, W)
-            kk = _windows(x.k_tm, b, k0, k, step, n)  # (n, H, k, W), overlapping views
-            vv = _windows(x.v_tm, b, k0, k, step, n)
+            q = _windows(x.q, b, q0, r, sq, n)  # (n, H, r, W)
+            kk = _windows(x.k, b, k0, k, sk, n)  # (n, H, k, W), overlapping views
+            vv = _windows(x.v, b, k0, k, sk, n)
             add = rows = None
             if allowed is not None:
-                add, rows = _additive(allowed[min(b, allowed.shape[0] - 1)], x.q_tm.dtype, device)
-            yield q, kk, vv, add, rows, ("regular", b, step)
+                add, rows = _additive(allowed[min(b, allowed.shape[0] - 1)], x.q.dtype, device)
+            yield q, kk, vv, add, rows, ("regular", b, sq, sk)
         return
     q_idx, k_idx = _indices(job.q_starts, r, device), _indices(job.k_starts, k, device)
-    q = _gather(x.q_tm, q_idx, n)  # (B·n, H, r, W)
-    kk, vv = _gather(x.k_tm, k_idx, n), _gather(x.v_tm, k_idx, n)  # (B·n, H, k, W)
+    q = _gather(x.q, q_idx, n)  # (B·n, H, r, W)
+    kk, vv = _gather(x.k, k_idx, n), _gather(x.v, k_idx, n)  # (B·n, H, k, W)
     add = rows = None
     if allowed is not None:
         if allowed.shape[0] != 1 or allowed.shape[1] != 1:
             # the gathered batch index is b·n + i: expand the mask to match
             allowed = allowed.expand(B, n, *allowed.shape[2:])
-        add, rows = _additive(allowed.flatten(0, 1), x.q_tm.dtype, device)  # (B·n|1, Hm, r, k)
+        add, rows = _additive(allowed.flatten(0, 1), x.q.dtype, device)  # (B·n|1, Hm, r, k)
     yield q, kk, vv, add, rows, ("gathered", q_idx, k_idx)
 
 
@@ -131,6 +146,24 @@ def merge(acc_o, acc_l, o, l):
     return acc_o * w_acc + o * w_new, new_l
 
 
+def _slabs(jobs: list[Job], ordinal: int, shape, dtype, device):
+    """Output (B, T, H, W) and lse (B, T, H) buffers for the jobs of one ordinal: rows no
+    job writes hold 0 / -inf, the others are left for the jobs to fill (no zero pass)."""
+    B, T, H, W = shape
+    slab_o = torch.empty(B, T, H, W, dtype=dtype, device=device)
+    slab_l = torch.empty(B, T, H, dtype=dtype, device=device)
+    covered = torch.zeros(T, dtype=torch.bool)
+    for job in jobs:
+        if job.ordinal != ordinal:
+            break
+        covered[_indices(job.q_starts, job.rows, "cpu")] = True
+    if not bool(covered.all()):
+        idle = (~covered).to(device)
+        slab_o[:, idle] = 0
+        slab_l[:, idle] = float("-inf")
+    return slab_o, slab_l
+
+
 def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every job; returns out (B, Tq, H, W) and lse (B, Tq, H) in `dtype` (float32+).
 
@@ -138,13 +171,12 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
     once, so they write into one slab; slabs of successive ordinals are merged whole.
     """
     B, T, H, W = shape
-    device = x.q_tm.device
+    device = x.q.device
     acc_o = acc_l = None
     i = 0
     while i < len(jobs):
         ordinal = jobs[i].ordinal
-        slab_o = torch.zeros(B, T, H, W, dtype=dtype, device=device)
-        slab_l = torch.full((B, T, H), float("-inf"), dtype=dtype, device=device)
+        slab_o, slab_l = _slabs(jobs[i:], ordinal, shape, dtype, device)
         while i < len(jobs) and jobs[i].ordinal == ordinal:
             job = jobs[i]
             i += 1
@@ -159,9 +191,9 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
                 o = o.transpose(1, 2)  # (·, r, H, W)
                 l = l.transpose(1, 2)  # (·, r, H)
                 if where[0] == "regular":
-                    b, q0 = where[1], job.q_starts[0]
-                    slab_o[b, q0 : q0 + n * r] = o.reshape(n * r, H, W)
-                    slab_l[b, q0 : q0 + n * r] = l.reshape(n * r, H)
+                    b, sq, q0 = where[1], where[2], job.q_starts[0]
+                    _rows(slab_o, b, q0, r, sq, n).copy_(o)
+                    _rows(slab_l, b, q0, r, sq, n).copy_(l)
                 else:
                     q_idx = where[1]
                     slab_o.index_copy_(1, q_idx, o.reshape(B, n * r, H, W).to(dtype))
@@ -177,48 +209,53 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
 
 
 def _add_windows(grad: torch.Tensor, b: int, start: int, step: int, d: torch.Tensor) -> None:
-    """grad[b, start + i·step + j] += d[i, j] for overlapping windows d (n, len, H, W)."""
+    """grad[b, start + i·step + j] += d[i, j] for overlapping windows d (n, len, H, W).
+
+    grad is (B, T, H, W). A window of len keys spans ⌈len / step⌉ steps: the c-th step of
+    every window lands on keys no other window's c-th step touches, so each step is one
+    strided in-place add over all windows (no scatter, no copy of d).
+    """
     n, length = d.shape[:2]
     if step == 0:  # every window read the same keys
         grad[b, start : start + length] += d.sum(0)
-    elif length % step == 0:
-        # a window of m steps adds to m consecutive blocks: m strided adds, no scatter
-        m = length // step
-        blocks = d.reshape(n, m, step, *d.shape[2:])  # (n, m, step, H, W)
-        for c in range(m):
-            lo = start + c * step
-            grad[b, lo : lo + n * step] += blocks[:, c].reshape(n * step, *d.shape[2:])
-    else:
-        idx = _indices(tuple(start + i * step for i in range(n)), length, grad.device)
-        grad[b].index_add_(0, idx, d.reshape(n * length, *d.shape[2:]).to(grad.dtype))
+        return
+    sb, st, sh, sw = grad.stride()
+    for lo in range(0, length, step):
+        width = min(step, length - lo)
+        target = grad.as_strided(
+            (n, width, *grad.shape[2:]),
+            (step * st, st, sh, sw),
+            grad.storage_offset() + b * sb + (start + lo) * st,
+        )
+        target += d[:, lo : lo + width]
 
 
-def backward(x, jobs: list[Job], scale: float, dout_tm, out_tm, lse_tm, grads):
+def backward(x, jobs: list[Job], scale: float, dout, out, lse, grads):
     """Accumulate dq, dk, dv (token-major float32+ buffers in `grads`) over every job.
 
-    lse_tm (B, Tq, H) must already hold +inf for rows that see nothing, so that the
-    recomputed probabilities exp(S − lse) are 0 there.
+    dout, out (B, H, Tq, W) in any layout; lse (B, H, Tq) must already hold +inf for rows
+    that see nothing, so that the recomputed probabilities exp(S − lse) are 0 there.
     """
-    B, _, H, W = dout_tm.shape
+    B, H, _, W = dout.shape
     for job in jobs:
         n, r, nk = len(job.q_starts), job.rows, job.keys
         for q, k, v, add, _, where in _calls(x, job, B):
             if where[0] == "regular":
-                b, step, q0, k0 = where[1], where[2], job.q_starts[0], job.k_starts[0]
-                do = _windows(dout_tm, b, q0, r, r, n)  # (n, H, r, W)
-                o = _windows(out_tm, b, q0, r, r, n)
-                l = lse_tm[b, q0 : q0 + n * r].view(n, r, H).transpose(1, 2).contiguous()
+                (b, sq, sk), q0, k0 = where[1:], job.q_starts[0], job.k_starts[0]
+                do = _windows(dout, b, q0, r, sq, n)  # (n, H, r, W)
+                o = _windows(out, b, q0, r, sq, n)
+                l = _rows(lse.transpose(1, 2), b, q0, r, sq, n).transpose(1, 2).contiguous()
             else:
                 q_idx = where[1]
-                do, o = _gather(dout_tm, q_idx, n), _gather(out_tm, q_idx, n)
-                l = lse_tm.index_select(1, q_idx).view(B * n, r, H).transpose(1, 2)
-                l = l.contiguous()
+                do, o = _gather(dout, q_idx, n), _gather(out, q_idx, n)
+                l = lse.index_select(2, q_idx).view(B, H, n, r).transpose(1, 2)
+                l = l.reshape(B * n, H, r)  # (B·n, H, r), contiguous
             dq, dk, dv = _flash_backward(do, q, k, v, o, l, 0.0, False, attn_mask=add, scale=scale)
             dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))  # token-major
             if where[0] == "regular":
-                grads["q"][b, q0 : q0 + n * r] += dq.reshape(n * r, H, W)
-                _add_windows(grads["k"], b, k0, step, dk)
-                _add_windows(grads["v"], b, k0, step, dv)
+                _rows(grads["q"], b, q0, r, sq, n).add_(dq)
+                _add_windows(grads["k"], b, k0, sk, dk)
+                _add_windows(grads["v"], b, k0, sk, dv)
             else:
                 q_idx, k_idx = where[1], where[2]
                 grads["q"].index_add_(1, q_idx, dq.reshape(B, n * r, H, W).to(grads["q"].dtype))

@@ -28,7 +28,17 @@ import torch
 from .._types import AttentionOutput, Problem
 from . import stacked
 from .fused import POISON_BELOW_KEYS, poison
-from .tiles import BLOCK_K, BLOCK_Q, QueryBlock, Segment, compact_keys, group_jobs, plan_tiles
+from .tiles import (
+    BLOCK_K,
+    BLOCK_Q,
+    REFINE_ROWS,
+    QueryBlock,
+    Segment,
+    compact_keys,
+    group_jobs,
+    plan_tiles,
+    refine_jobs,
+)
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "run", "unsupported"]
 
@@ -98,10 +108,20 @@ def _token_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
-class _Inputs:
-    """q, k, v prepared for the fused kernel: token-major, kv heads expanded, one head dim."""
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is contiguous (all the fused kernel needs), else a copy."""
+    return x if x.stride(-1) == 1 and x.shape[-1] > 0 else x.contiguous()
 
-    def __init__(self, q, k, v, p: Problem, keys: torch.Tensor | None = None):
+
+class _Inputs:
+    """q, k, v prepared for the fused kernel: kv heads expanded, one head dim.
+
+    (B, H, T, W) tensors. With `token_major` they sit in (B, T, H, W) storage, which the
+    per-tile loop needs; the batched jobs read windows of any layout, so they take the
+    inputs as they come (no copy unless GQA or a head-dim padding makes one anyway).
+    """
+
+    def __init__(self, q, k, v, p: Problem, keys: torch.Tensor | None = None, token_major=True):
         if keys is not None:  # only the keys the plan reads (see tiles.compact_keys)
             k, v = k.index_select(2, keys), v.index_select(2, keys)
         group, Tk = p.group, k.shape[2]
@@ -116,10 +136,15 @@ class _Inputs:
             q, k = (torch.nn.functional.pad(t, (0, width - p.D)) for t in (q, k))
         if p.Dv < width:
             v = torch.nn.functional.pad(v, (0, width - p.Dv))
-        # (B, T, H, W) storage, and (B, H, T, W) views of it for the per-tile loop
-        self.q_tm, self.k_tm, self.v_tm = (_token_major(t) for t in (q, k, v))
-        self.q, self.k, self.v = (t.transpose(1, 2) for t in (self.q_tm, self.k_tm, self.v_tm))
+        if token_major:
+            q, k, v = (_token_major(t).transpose(1, 2) for t in (q, k, v))
+        self.q, self.k, self.v = (_unit_stride(t) for t in (q, k, v))  # (B, H, T, W)
         self.width = width
+
+
+def _copies_inputs(p: Problem) -> bool:
+    """Whether _Inputs copies k and v anyway (GQA expansion or head-dim padding)."""
+    return p.group > 1 or p.Dv != p.D
 
 
 def _zeros_token_major(B, H, T, D, *, like: torch.Tensor, dtype) -> torch.Tensor:
@@ -238,15 +263,19 @@ def _stacked(engine: str, bias) -> bool:
 
 class _Tiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, p, plan, seed, engine):
+    def forward(ctx, q, k, v, bias, p, plan, seed, engine, refine_rows):
         keys = None
         if _stacked(engine, bias):
             jobs = group_jobs(plan, p.Hq)
-            if not k.transpose(1, 2).is_contiguous():  # else every key is a free view
+            if _copies_inputs(p):  # copy only the keys the jobs read
                 keys, jobs = compact_keys(jobs, p.Tk, device=k.device)
-            x = _Inputs(q, k, v, p, keys)
+            x = _Inputs(q, k, v, p, keys, token_major=False)
             shape = (p.B, p.Tq, p.Hq, x.width)
-            out, lse = stacked.forward(x, jobs, p.scale, shape, _stat_dtype(q.dtype))
+            # the forward runs narrow sub-blocks; the backward keeps whole blocks, since
+            # torch's fused backward gives every (overlapping) key window its own
+            # zero-filled dk/dv buffer, which narrow blocks multiply
+            fine = refine_jobs(jobs, x.k.shape[2], refine_rows)
+            out, lse = stacked.forward(x, fine, p.scale, shape, _stat_dtype(q.dtype))
             out, lse = out.transpose(1, 2), lse.transpose(1, 2)  # (B, Hq, Tq, ·)
         else:
             jobs = None
@@ -268,7 +297,7 @@ class _Tiled(torch.autograd.Function):
         if bias_grad:
             engine = "math"  # the fused backward returns no gradient for the mask
         use_jobs = _stacked(engine, bias) and ctx.jobs is not None
-        x = _Inputs(q, k, v, p, ctx.keys if use_jobs else None)
+        x = _Inputs(q, k, v, p, ctx.keys if use_jobs else None, token_major=not use_jobs)
         pad = x.width - p.Dv
         if pad:
             dout, out = (torch.nn.functional.pad(t, (0, pad)) for t in (dout, out))
@@ -282,15 +311,8 @@ class _Tiled(torch.autograd.Function):
             # rows that see nothing: lse +inf makes the recomputed weights exp(S − lse) 0
             lse_safe = torch.where(torch.isneginf(lse), float("inf"), lse)
             tm = {name: g.transpose(1, 2) for name, g in grads.items()}  # (B, T, H, W)
-            stacked.backward(
-                x,
-                ctx.jobs,
-                p.scale,
-                _token_major(dout),
-                _token_major(out),
-                lse_safe.transpose(1, 2),
-                tm,
-            )
+            dout, out = _unit_stride(dout), _unit_stride(out)
+            stacked.backward(x, ctx.jobs, p.scale, dout, out, lse_safe, tm)
         else:
             if bias_grad:
                 shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
@@ -306,10 +328,12 @@ class _Tiled(torch.autograd.Function):
         group = p.group
         dq = grads["q"][..., : p.D].to(q.dtype)
         # kv heads were shared by `group` query heads: their gradients add up
-        dk = grads["k"][..., : p.D].unflatten(1, (p.Hkv, group)).sum(2).to(k.dtype)
-        dv = grads["v"][..., : p.Dv].unflatten(1, (p.Hkv, group)).sum(2).to(v.dtype)
+        dk, dv = grads["k"][..., : p.D], grads["v"][..., : p.Dv]
+        if group > 1:
+            dk, dv = (t.unflatten(1, (p.Hkv, group)).sum(2) for t in (dk, dv))
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
         dbias = grads["bias"].reshape(bias.shape).to(bias.dtype) if bias_grad else None
-        return dq, dk, dv, dbias, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
 def _weights(x: _Inputs, p: Problem, bias, plan, lse) -> torch.Tensor:
@@ -338,6 +362,7 @@ def run(
     *,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    refine_rows: int = REFINE_ROWS,
 ) -> AttentionOutput:
     plan = plan_tiles(p.mask, p.Tq, p.Tk, block_q, block_k, device=q.device)
     # torch's fused CPU kernel returns the lse; elsewhere the math engine keeps the same
@@ -350,9 +375,11 @@ def run(
     if p.dropout_p >= 1.0:  # everything dropped; keep the graph for zero gradients
         zero = (q.sum() + k.sum() + v.sum()) * 0
         out = zero + q.new_zeros(p.B, p.Hq, p.Tq, p.Dv)
-        _, lse = _Tiled.apply(q.detach(), k.detach(), v.detach(), None, p, plan, 0, "fused")
+        _, lse = _Tiled.apply(
+            q.detach(), k.detach(), v.detach(), None, p, plan, 0, "fused", refine_rows
+        )
     else:
-        out, lse = _Tiled.apply(q, k, v, bias, p, plan, seed, engine)
+        out, lse = _Tiled.apply(q, k, v, bias, p, plan, seed, engine, refine_rows)
     weights = None
     if p.need_weights:
         with torch.no_grad():
