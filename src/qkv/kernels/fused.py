@@ -19,12 +19,14 @@ from .._types import AttentionOutput, Problem
 from ..masks import Dense
 from ..masks._kinds import Padding
 
-# Below this many (query, key) pairs a structured mask runs as a dense one on this kernel:
-# `qkv bench --out` (time_vs_length.png) measured the tiled kernel slower than torch with
-# the dense mask up to about 1024 × 1024 with a 256-key window, and even there.
+# Up to this many (query, key) pairs a structured mask runs as a dense one on this kernel.
+# Measured (2 cores, fp32, H=4, D=64; this kernel's time includes building the mask):
+# windows of 64 and 256 keys and 4 causal documents are faster here at 512² (by 1.1-1.6×),
+# about even at 768², and 1.5-2× faster tiled at 1024²; a 1024-key window (almost the whole
+# matrix at that size) stays about even up to 1536².
 # A single query against a long cache still gains from reading only the window's keys
-# (bench "decode Tq=1, window": 3× faster tiled), hence the bound on the keys as well.
-SMALL_PROBLEM = 1024 * 1024
+# (bench "decode Tq=1, window": 10× faster tiled), hence the bound on the keys as well.
+SMALL_PROBLEM = 768 * 768
 SMALL_PROBLEM_KEYS = 2048
 
 __all__ = ["poison", "run", "unsupported"]

@@ -10,6 +10,10 @@ given a sliding window as a T×T mask it still does all T² work. Here the mask'
 go to the fused kernel without a mask, partial ones with a small additive mask, and the
 partial results of a query block are merged exactly through their log-sum-exp
 (FlashAttention, Dao et al. 2022; the same merge as in ring attention, Liu et al. 2023).
+Masked blocks are cut further into sub-blocks of REFINE_ROWS queries that read only the
+keys their rows may see (`tiles.refine_jobs`), so a band of w keys costs about w + 32
+keys per row rather than w + BLOCK_Q; equal segments of many blocks run as one fused
+call over overlapping views of the keys (stacked.py).
 
 The backward pass needs only the global output and log-sum-exp: for a tile,
 P = exp(S − lse) and dS = P ⊙ (dP − rowsum(dO ⊙ O)), so the fused backward runs tile by
