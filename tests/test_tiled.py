@@ -225,6 +225,24 @@ def test_plan_skips_empty_tiles_and_keeps_masks_small():
             assert seg.mask is None or seg.k1 - seg.k0 <= 1024 + 2 * 128
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_float16_is_computed_in_float32(seed):
+    """float16 runs in float32 inside the tiled kernel, so dv (summed over 16 tiles per key
+    here) is rounded to float16 once: within half a unit of the largest value, as the
+    exactly rounded result is. (torch's fused kernel rounds each call's partial sum: 0.56
+    units with seed 5.) dq and dk also depend on the output, saved in float16, through
+    rowsum(dO ⊙ O), as in every FlashAttention-style backward; the property tests bound them.
+    """
+    B, H, T, D = 1, 2, 64, 16
+    q, k, v = make_qkv((B, H, H, T, T, D, D), torch.float16, seed=seed)
+    dout = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(seed)).half()
+    truth = numpy_truth(q, k, v, masks.causal().to_dense(B, H, T, T), dout=dout.double(), scale=2.0)
+    res = run_tiled(q, k, v, causal=True, scale=2.0, block_q=4, block_k=4)
+    res.output.backward(dout)
+    half_unit = torch.finfo(torch.float16).eps / 2 * float(truth["dv"].abs().max())
+    assert float((v.grad.double() - truth["dv"]).abs().max()) <= half_unit
+
+
 def test_refined_window_reads_the_window_plus_one_sub_block():
     """256-row blocks of a 256-key window become 32-row sub-blocks in one regular job."""
     from qkv.kernels import stacked

@@ -118,7 +118,8 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Inputs:
-    """q, k, v prepared for the fused kernel: kv heads expanded, one head dim.
+    """q, k, v prepared for the fused kernel: kv heads expanded, one head dim, float16 as
+    float32.
 
     (B, H, T, W) tensors. With `token_major` they sit in (B, T, H, W) storage, which the
     per-tile loop needs; the batched jobs read windows of any layout, so they take the
@@ -128,6 +129,11 @@ class _Inputs:
     def __init__(self, q, k, v, p: Problem, keys: torch.Tensor | None = None, token_major=True):
         if keys is not None:  # only the keys the plan reads (see tiles.compact_keys)
             k, v = k.index_select(2, keys), v.index_select(2, keys)
+        if q.dtype == torch.float16:
+            # torch's fused CPU kernel runs float16 no faster than float32 (measured: causal
+            # T=2048, fwd+bwd, 100 ms either way) and rounds every tile's partial gradient
+            # to float16, so errors grew with the number of tiles a key sits in
+            q, k, v = q.float(), k.float(), v.float()
         group, Tk = p.group, k.shape[2]
         # (B, Hkv, Tk, D) -> (B, Hq, Tk, D): query head h reads kv head h // group
         if group > 1:
@@ -302,6 +308,7 @@ class _Tiled(torch.autograd.Function):
             engine = "math"  # the fused backward returns no gradient for the mask
         use_jobs = _stacked(engine, bias) and ctx.jobs is not None
         x = _Inputs(q, k, v, p, ctx.keys if use_jobs else None, token_major=not use_jobs)
+        dout, out = dout.to(x.q.dtype), out.to(x.q.dtype)  # float16 runs as float32
         pad = x.width - p.Dv
         if pad:
             dout, out = (torch.nn.functional.pad(t, (0, pad)) for t in (dout, out))
@@ -387,5 +394,5 @@ def run(
     weights = None
     if p.need_weights:
         with torch.no_grad():
-            weights = _weights(_Inputs(q, k, v, p), p, bias, plan, lse)
+            weights = _weights(_Inputs(q, k, v, p), p, bias, plan, lse).to(q.dtype)
     return AttentionOutput(output=out, weights=weights, lse=lse if p.need_lse else None)
