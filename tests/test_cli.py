@@ -314,4 +314,4 @@ def test_bench_peak_memory_sees_the_score_matrix():
     naive = bench.peak_memory("dense", "naive", quick=True)
     fused = bench.peak_memory("dense", "qkv", quick=True)
     assert naive is not None and fused is not None
-    assert naive >= scores_mib and naive > 3 * fused
+    assert naive - fused >= scores_mib  # first calls allocate a few MiB either way
