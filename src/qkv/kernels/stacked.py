@@ -18,6 +18,7 @@ import torch
 
 from .fused import POISON_BELOW_KEYS, poison
 from .tiles import Job
+from .tiles import steps as _steps
 
 __all__ = ["backward", "forward", "merge"]
 
@@ -25,27 +26,12 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _steps(job: Job) -> tuple[int, int] | None:
-    """(query step, key step) between consecutive blocks of a regular job, or None.
-
-    Regular jobs have evenly spaced query blocks that do not overlap (q_i = q_0 + i·sq,
-    sq ≥ rows) and key spans shifting by a constant sk ≥ 0: for a sliding window
-    sq = sk = rows; sk = 0 when every block reads the same keys.
-    """
-    n, r = len(job.q_starts), job.rows
-    if n == 1:
-        return r, r
-    sq, sk = job.q_starts[1] - job.q_starts[0], job.k_starts[1] - job.k_starts[0]
-    regular = (
-        sq >= r
-        and sk >= 0
-        and all(
-            job.q_starts[i] == job.q_starts[0] + i * sq
-            and job.k_starts[i] == job.k_starts[0] + i * sk
-            for i in range(n)
-        )
-    )
-    return (sq, sk) if regular else None
+def _rows(x: torch.Tensor, b: int, start: int, length: int, step: int, n: int):
+    """n row blocks x[b, start + i·step : start + i·step + length] of a (B, T, ...) tensor
+    as one (n, length, ...) view (the blocks must not overlap when it is written to)."""
+    st, rest = x.stride(1), x.stride()[2:]
+    offset = x.storage_offset() + b * x.stride(0) + start * st
+    return x.as_strided((n, length, *x.shape[2:]), (step * st, st, *rest), offset)
 
 
 def _windows(x: torch.Tensor, b: int, start: int, length: int, step: int, n: int):
@@ -55,18 +41,7 @@ def _windows(x: torch.Tensor, b: int, start: int, length: int, step: int, n: int
     A view, never a copy, whatever the strides of x: windows of a sliding-window job
     overlap in memory.
     """
-    _, H, _, W = x.shape
-    sb, sh, st, sw = x.stride()
-    offset = x.storage_offset() + b * sb + start * st
-    return x.as_strided((n, H, length, W), (step * st, sh, st, sw), offset)
-
-
-def _rows(x: torch.Tensor, b: int, start: int, length: int, step: int, n: int):
-    """n row blocks x[b, start + i·step : start + i·step + length] of a (B, T, ...) tensor
-    as one (n, length, ...) view (the blocks must not overlap when it is written to)."""
-    st, rest = x.stride(1), x.stride()[2:]
-    offset = x.storage_offset() + b * x.stride(0) + start * st
-    return x.as_strided((n, length, *x.shape[2:]), (step * st, st, *rest), offset)
+    return _rows(x.transpose(1, 2), b, start, length, step, n).transpose(1, 2)
 
 
 def _indices(starts: tuple[int, ...], length: int, device) -> torch.Tensor:
@@ -219,15 +194,9 @@ def _add_windows(grad: torch.Tensor, b: int, start: int, step: int, d: torch.Ten
     if step == 0:  # every window read the same keys
         grad[b, start : start + length] += d.sum(0)
         return
-    sb, st, sh, sw = grad.stride()
     for lo in range(0, length, step):
         width = min(step, length - lo)
-        target = grad.as_strided(
-            (n, width, *grad.shape[2:]),
-            (step * st, st, sh, sw),
-            grad.storage_offset() + b * sb + (start + lo) * st,
-        )
-        target += d[:, lo : lo + width]
+        _rows(grad, b, start + lo, width, step, n).add_(d[:, lo : lo + width])
 
 
 def backward(x, jobs: list[Job], scale: float, dout, out, lse, grads):

@@ -33,6 +33,7 @@ __all__ = [
     "group_jobs",
     "plan_tiles",
     "refine_jobs",
+    "steps",
 ]
 
 # Tile sizes, measured with benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64, T=16384;
@@ -165,6 +166,30 @@ class Job:
     masks: tuple[torch.Tensor, ...] | None
 
 
+def steps(job: Job) -> tuple[int, int] | None:
+    """(query step, key step) between consecutive blocks of a regular job, or None.
+
+    Regular jobs have evenly spaced query blocks that do not overlap (q_i = q_0 + i·sq,
+    sq ≥ rows) and key spans shifting by a constant sk ≥ 0: for a sliding window
+    sq = sk = rows; sk = 0 when every block reads the same keys. stacked.py runs them on
+    strided views.
+    """
+    n, r = len(job.q_starts), job.rows
+    if n == 1:
+        return r, r
+    sq, sk = job.q_starts[1] - job.q_starts[0], job.k_starts[1] - job.k_starts[0]
+    regular = (
+        sq >= r
+        and sk >= 0
+        and all(
+            job.q_starts[i] == job.q_starts[0] + i * sq
+            and job.k_starts[i] == job.k_starts[0] + i * sk
+            for i in range(n)
+        )
+    )
+    return (sq, sk) if regular else None
+
+
 # A job gathers copies of its keys and values: n · keys token-heads each. This bounds that
 # copy (and the job's float mask) to a few tens of MB at D = 64.
 _JOB_TOKENS = 1 << 18
@@ -294,50 +319,40 @@ def _refine(job: Job, rows: int, Tk: int) -> list[Job]:
     low, high = -min(job.k_starts), Tk - max(job.k_starts)  # keys that exist, relative
     kept = [s for s in range(m) if live[s]]  # other sub-blocks see nothing: rows stay empty
     starts, ends = _widen([lo[s] for s in kept], [hi[s] for s in kept], low, high)
-    pieces = []  # (sub-block index, its job)
+    pieces = []  # one job per live sub-block position
     for s, a, b in zip(kept, starts, ends, strict=True):
         # keys outside the segment belong to other segments (or none): masked here
         sub = pattern.new_zeros(*pattern.shape[:2], rows, b - a)
         sub[..., lo[s] - a : hi[s] - a] = pattern[:, :, s * rows : (s + 1) * rows, lo[s] : hi[s]]
         pieces.append(
-            (
-                s,
-                Job(
-                    ordinal=job.ordinal,
-                    q_starts=tuple(q0 + s * rows for q0 in job.q_starts),
-                    k_starts=tuple(k0 + a for k0 in job.k_starts),
-                    rows=rows,
-                    keys=b - a,
-                    masks=(sub,) * n,
-                ),
+            Job(
+                ordinal=job.ordinal,
+                q_starts=tuple(q0 + s * rows for q0 in job.q_starts),
+                k_starts=tuple(k0 + a for k0 in job.k_starts),
+                rows=rows,
+                keys=b - a,
+                masks=(sub,) * n,
             )
         )
-    return _interleave(job, pieces, rows) or [piece for _, piece in pieces]
+    return _interleave(pieces) or pieces
 
 
-def _interleave(job: Job, pieces: list[tuple[int, Job]], rows: int) -> list[Job] | None:
-    """The pieces as one job, when they make a regular one: every sub-block of every block
-    in order, equal spans and patterns, keys shifting by `rows` from one to the next."""
-    m = job.rows // rows
-    if len(pieces) != m or len({p.keys for _, p in pieces}) != 1:
+def _interleave(pieces: list[Job]) -> list[Job] | None:
+    """The pieces as one job, when they make a regular one (see `steps`): the sub-blocks
+    of every block in order, with equal spans and patterns."""
+    if not pieces:
         return None
-    first = pieces[0][1].masks[0]
-    if not all(torch.equal(p.masks[0], first) for _, p in pieces[1:]):
+    first = pieces[0]
+    if any(p.keys != first.keys or not torch.equal(p.masks[0], first.masks[0]) for p in pieces):
         return None
-    n = len(job.q_starts)
-    q_starts = [p.q_starts[i] for i in range(n) for _, p in pieces]
-    k_starts = [p.k_starts[i] for i in range(n) for _, p in pieces]
-    if any(q_starts[j] != q_starts[0] + j * rows for j in range(len(q_starts))) or any(
-        k_starts[j] != k_starts[0] + j * rows for j in range(len(k_starts))
-    ):
-        return None
-    return [
-        Job(
-            ordinal=job.ordinal,
-            q_starts=tuple(q_starts),
-            k_starts=tuple(k_starts),
-            rows=rows,
-            keys=pieces[0][1].keys,
-            masks=(first,) * len(q_starts),
-        )
-    ]
+    n = len(first.q_starts)
+    order = [(p.q_starts[i], p.k_starts[i]) for i in range(n) for p in pieces]
+    joined = Job(
+        ordinal=first.ordinal,
+        q_starts=tuple(q for q, _ in order),
+        k_starts=tuple(k for _, k in order),
+        rows=first.rows,
+        keys=first.keys,
+        masks=(first.masks[0],) * len(order),
+    )
+    return [joined] if steps(joined) is not None else None
