@@ -36,6 +36,9 @@ class AttentionOutput:
         return iter((self.output, self.weights, self.lse))
 
 
+_CPU = torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Problem:
     """A validated attention call, the same for every kernel.
@@ -60,6 +63,9 @@ class Problem:
     generator: torch.Generator | None
     need_weights: bool
     need_lse: bool
+    dtype: torch.dtype = torch.float32  # of q (k and v share it)
+    device: torch.device = _CPU
+    needs_grad: bool = False  # autograd will want gradients of q, k, v or the bias
 
     @property
     def group(self) -> int:

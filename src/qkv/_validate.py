@@ -170,4 +170,8 @@ def build_problem(
         generator=generator,
         need_weights=return_weights,
         need_lse=return_lse,
+        dtype=q.dtype,
+        device=q.device,
+        needs_grad=torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (q, k, v, bias)),
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .._types import AttentionOutput, Problem
-from . import fused, reference, tiled
+from . import fused, native, reference, tiled
 
 __all__ = ["KERNELS", "KernelChoice", "select"]
 
@@ -27,6 +27,7 @@ class Kernel:
 
 # From fastest to most general; the reference kernel runs everything.
 KERNELS: dict[str, Kernel] = {
+    "native": Kernel("native", native.run, native.unsupported),
     "fused": Kernel("fused", fused.run, fused.unsupported),
     "tiled": Kernel("tiled", tiled.run, tiled.unsupported),
     "reference": Kernel("reference", reference.run, lambda p: None),

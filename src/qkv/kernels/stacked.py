@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .fused import POISON_BELOW_KEYS, poison
 from .tiles import Job
 from .tiles import steps as _steps
@@ -108,6 +109,37 @@ def _calls(x, job: Job, B: int):
     yield q, kk, vv, add, rows, ("gathered", q_idx, k_idx)
 
 
+def _native(x, job: Job, dtype) -> bool:
+    """Whether a job runs on native.cpp (float32 on the CPU, evenly spaced blocks): where
+    it is built, it is faster than torch's fused kernel on every job shape of the plans
+    measured (windows, documents, causal; benchmarks/tile_sizes.py)."""
+    return (
+        dtype == torch.float32
+        and x.q.dtype == torch.float32
+        and x.q.device.type == "cpu"
+        and job.keys > 0
+        and job.rows > 0
+        and _steps(job) is not None
+        and native.unavailable() is None
+    )
+
+
+def _native_forward(x, job: Job, scale: float, slab_o, slab_l) -> None:
+    """One regular job on native.cpp, written straight into the slabs."""
+    n, r, k = len(job.q_starts), job.rows, job.keys
+    sq, sk = _steps(job)
+    mask_t = None
+    allowed = _allowed(job)  # (Bm, n|1, Hm, r, k) or None
+    if allowed is not None:
+        rp = -(-r // 16) * 16
+        mask_t = torch.zeros(*allowed.shape[:3], k, rp, dtype=torch.float32)
+        mask_t[..., :r].masked_fill_(~allowed.transpose(-1, -2).cpu(), float("-inf"))
+    native.forward(
+        x.q, x.k, x.v, slab_o, slab_l, q0=job.q_starts[0], k0=job.k_starts[0], sq=sq, sk=sk,
+        n=n, rows=r, keys=k, scale=scale, mask_t=mask_t,
+    )  # fmt: skip
+
+
 def merge(acc_o, acc_l, o, l):
     """Merge two partial results over disjoint keys; rows empty in both stay 0 / -inf.
 
@@ -156,6 +188,9 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
             job = jobs[i]
             i += 1
             n, r = len(job.q_starts), job.rows
+            if _native(x, job, dtype):
+                _native_forward(x, job, scale, slab_o, slab_l)
+                continue
             for q, k, v, add, rows, where in _calls(x, job, B):
                 o, l = _flash(q, k, v, 0.0, False, attn_mask=add, scale=scale)
                 if rows is not None:  # the fused kernel reports lse 0, not -inf, there

@@ -27,10 +27,12 @@ Two tile engines:
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from .._types import AttentionOutput, Problem
-from . import stacked
+from . import stacked, tiles
 from .fused import POISON_BELOW_KEYS, poison
 from .tiles import (
     BLOCK_K,
@@ -52,7 +54,7 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 
 def unsupported(p: Problem) -> str | None:
-    if p.need_weights and torch.is_grad_enabled():
+    if p.need_weights and p.needs_grad:
         return "weights recomputed from the log-sum-exp carry no gradient"
     return None
 
@@ -266,6 +268,49 @@ def _accumulate_bias(grads, bias, dbias, blk, seg):
     gb[:, :, rows, cols] += dbias.to(gb.dtype)
 
 
+# Plans of masks that hold no tensor (windows, causal, their combinations) depend only on
+# the mask's pattern and the sizes, so the last few are kept: planning a 16,384-token
+# window (tile kinds, segments, jobs, sub-blocks) took ~5 ms of a ~35 ms forward.
+_PLAN_CACHE: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 32
+
+
+def _cached(key, build):
+    """build() once per key (None: no caching). The planners themselves and the module
+    tunables are part of every key, so a replaced planner never reads another's plans."""
+    if key is None:
+        return build()
+    key = (
+        key,
+        plan_tiles,
+        group_jobs,
+        compact_keys,
+        refine_jobs,
+        tiles._MAX_MASKED_FULL,
+        tiles.SPAN_MULTIPLE,
+        tiles._REFINE_SAVING,
+    )
+    hit = _PLAN_CACHE.get(key)
+    if hit is None:
+        hit = _PLAN_CACHE[key] = build()
+        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    else:
+        _PLAN_CACHE.move_to_end(key)
+    return hit
+
+
+def _pattern(p: Problem, device) -> tuple | None:
+    """A key for the plan of p's mask on this device, or None when it cannot be cached."""
+    mask = p.mask
+    if mask is None:
+        return ("dense", p.Tq, p.Tk, str(device))
+    if mask.device is not None:  # holds tensors (padding lengths, document ids, a matrix)
+        return None
+    pattern = mask.tile_key(p.Tq, p.Tk, 0, p.Tq, 0, p.Tk)
+    return None if pattern is None else (pattern, p.Tq, p.Tk, str(device))
+
+
 def _stacked(engine: str, bias) -> bool:
     """Whether the batched job executor applies (fused engine, no bias to slice)."""
     return engine == "fused" and bias is None
@@ -273,18 +318,27 @@ def _stacked(engine: str, bias) -> bool:
 
 class _Tiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, p, plan, seed, engine, refine_rows):
+    def forward(ctx, q, k, v, bias, p, plan, seed, engine, refine_rows, pattern):
         keys = None
         if _stacked(engine, bias):
-            jobs = group_jobs(plan, p.Hq)
-            if _copies_inputs(p):  # copy only the keys the jobs read
-                keys, jobs = compact_keys(jobs, p.Tk, device=k.device)
+
+            def build():
+                jobs = group_jobs(plan, p.Hq)
+                keys = None
+                if _copies_inputs(p):  # copy only the keys the jobs read
+                    keys, jobs = compact_keys(jobs, p.Tk, device=k.device)
+                # the forward runs narrow sub-blocks; the backward keeps whole blocks,
+                # since torch's fused backward gives every (overlapping) key window its
+                # own zero-filled dk/dv buffer, which narrow blocks multiply
+                Tk = p.Tk if keys is None else len(keys)
+                return jobs, keys, refine_jobs(jobs, Tk, refine_rows)
+
+            key = None
+            if pattern is not None:
+                key = ("jobs", pattern, p.Hq, _copies_inputs(p), refine_rows)
+            jobs, keys, fine = _cached(key, build)
             x = _Inputs(q, k, v, p, keys, token_major=False)
             shape = (p.B, p.Tq, p.Hq, x.width)
-            # the forward runs narrow sub-blocks; the backward keeps whole blocks, since
-            # torch's fused backward gives every (overlapping) key window its own
-            # zero-filled dk/dv buffer, which narrow blocks multiply
-            fine = refine_jobs(jobs, x.k.shape[2], refine_rows)
             out, lse = stacked.forward(x, fine, p.scale, shape, _stat_dtype(q.dtype))
             out, lse = out.transpose(1, 2), lse.transpose(1, 2)  # (B, Hq, Tq, ·)
         else:
@@ -344,7 +398,7 @@ class _Tiled(torch.autograd.Function):
             dk, dv = (t.unflatten(1, (p.Hkv, group)).sum(2) for t in (dk, dv))
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
         dbias = grads["bias"].reshape(bias.shape).to(bias.dtype) if bias_grad else None
-        return dq, dk, dv, dbias, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None
 
 
 def _weights(x: _Inputs, p: Problem, bias, plan, lse) -> torch.Tensor:
@@ -375,7 +429,13 @@ def run(
     block_k: int = BLOCK_K,
     refine_rows: int = REFINE_ROWS,
 ) -> AttentionOutput:
-    plan = plan_tiles(p.mask, p.Tq, p.Tk, block_q, block_k, device=q.device)
+    pattern = _pattern(p, q.device)
+    if pattern is not None:
+        pattern = (*pattern, block_q, block_k)
+    plan = _cached(
+        None if pattern is None else ("plan", pattern),
+        lambda: plan_tiles(p.mask, p.Tq, p.Tk, block_q, block_k, device=q.device),
+    )
     # torch's fused CPU kernel returns the lse; elsewhere the math engine keeps the same
     # tiling (correct on any device, without the fused speed)
     engine = "fused" if q.device.type == "cpu" and p.dropout_p == 0 else "math"
@@ -392,10 +452,10 @@ def run(
         zero = (q.sum() + k.sum() + v.sum()) * 0
         out = zero + q.new_zeros(p.B, p.Hq, p.Tq, p.Dv)
         _, lse = _Tiled.apply(
-            q.detach(), k.detach(), v.detach(), None, p, plan, 0, "fused", refine_rows
+            q.detach(), k.detach(), v.detach(), None, p, plan, 0, "fused", refine_rows, pattern
         )
     else:
-        out, lse = _Tiled.apply(q, k, v, bias, p, plan, seed, engine, refine_rows)
+        out, lse = _Tiled.apply(q, k, v, bias, p, plan, seed, engine, refine_rows, pattern)
     weights = None
     if p.need_weights:
         with torch.no_grad():

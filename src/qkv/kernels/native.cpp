@@ -1,0 +1,319 @@
+// The native kernel: attention forward in float32, blocks of queries computed transposed.
+//
+// Letters: r queries of a block (rp: r rounded up to the vector width), nk keys in its
+// span, D / Dv head widths, V = 16 floats in one AVX-512 vector.
+//
+// torch's fused CPU kernel runs at about 70% of the machine's matrix-multiply speed on
+// long spans and about half of it on the ~288-key spans of a sliding window's sub-blocks.
+// Here a block of up to CHUNK = 64 queries is computed transposed, every vector running
+// across queries, over slices of KEYS = 128 keys merged by the online softmax:
+//
+//   Sᵀ[j][·] = scale · Σ_d K[j][d] · Qᵀ[d][·]        (keys × queries, + mask)
+//   m' = max(m, max_j Sᵀ[j][·]),  Pᵀ = exp(Sᵀ − m'),  α = exp(m − m')
+//   l = α·l + Σ_j Pᵀ[j][·],   Oᵀ[e][·] = α·Oᵀ[e][·] + Σ_j V[j][e] · Pᵀ[j][·]
+//   out[i][e] = Oᵀ[e][i] / l[i],  lse[i] = m[i] + log l[i]
+//
+// so the max, the exponentials and the sums are element-wise vector operations (no
+// reduction across lanes), a slice's scores stay in L1, and both products are one
+// register-blocked kernel (`product`): a few scalars of A broadcast against up to four
+// vectors of Y, all accumulators in registers (measured alone: ~160 GFLOP/s on one core,
+// above the library GEMM's 147). Rows that see no key get out 0 and lse −inf; NaN
+// propagates. GCC vector extensions and AVX-512 intrinsics; native.py compiles it with
+// -march=native and uses it only where AVX-512 exists.
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include <immintrin.h>
+#include <omp.h>
+
+namespace {
+
+constexpr int V = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+inline vf load(const float *p) { return *reinterpret_cast<const vfu *>(p); }
+inline void store(float *p, vf x) { *reinterpret_cast<vfu *>(p) = x; }
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+// exp(x) in float32 for x ≤ 0 (scores minus their row max): x = n·ln2 + r, |r| ≤ ln2/2,
+// e^r by Cephes' degree-6 polynomial (expf), times 2^n by vscalefps. Below −87.33 (where
+// e^x leaves the normal float range; −inf for a masked key) the result is exactly 0:
+// denormal probabilities would slow every product that reads them. NaN in, NaN out.
+inline vf vexp(vf x) {
+    vf n = (vf)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r * r + r + splat(1.0f);
+    vf e = (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
+    return x < splat(-87.33654f) ? splat(0.0f) : e;
+}
+
+// C[a][0:NV·V] = Σ_{b < nb} A[a·sa + b·sb] · Y[b·ys + 0:NV·V]  for a < AB: AB scalars
+// of A broadcast against NV vectors of Y per step, AB·NV accumulators in registers.
+// SCORES: C holds scores (rows = keys): scale them (after the product, as torch's fused
+// kernel does, so that its backward recomputes the same scores), add the mask rows M (if
+// any) and raise the column max mx before storing. Otherwise the product is added to C.
+template <int AB, int NV, bool SCORES>
+inline void product(const float *A, int64_t sa, int64_t sb, const float *Y, int64_t ys, int nb,
+                    float *C, int64_t cs, float scale, const float *M, int64_t ms, float *mx) {
+    vf acc[AB][NV];
+#pragma GCC unroll 16
+    for (int a = 0; a < AB; ++a)
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; ++u) acc[a][u] = SCORES ? vf{} : load(C + a * cs + u * V);
+    for (int b = 0; b < nb; ++b) {
+        vf y[NV];
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; ++u) y[u] = load(Y + b * ys + u * V);
+        const float *col = A + b * sb;
+#pragma GCC unroll 16
+        for (int a = 0; a < AB; ++a) {
+            const vf x = splat(col[a * sa]);
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; ++u) acc[a][u] += x * y[u];
+        }
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) {
+        vf m;
+        if constexpr (SCORES) m = load(mx + u * V);
+#pragma GCC unroll 16
+        for (int a = 0; a < AB; ++a) {
+            vf c = acc[a][u];
+            if constexpr (SCORES) {
+                c *= splat(scale);
+                if (M) c += load(M + a * ms + u * V);
+                m = c > m ? c : m;
+            }
+            store(C + a * cs + u * V, c);
+        }
+        if constexpr (SCORES) store(mx + u * V, m);
+    }
+}
+
+// Rows [0, na) of C in blocks of at most `most` rows, sized evenly (64 = 10+10+11+11+11+11
+// with two vectors), so that no block runs with too few accumulators to hide the
+// multiply-add latency. Accumulators + NV vectors + a broadcast fit the 32 registers.
+template <int NV, bool SCORES>
+void product_rows(int na, const float *A, int64_t sa, int64_t sb, const float *Y, int64_t ys,
+                  int nb, float *C, int64_t cs, float scale, const float *M, int64_t ms,
+                  float *mx) {
+    constexpr int most = NV == 4 ? 6 : NV == 2 ? 12 : 24;
+    const int blocks = (na + most - 1) / most;
+    for (int blk = 0, a = 0; blk < blocks; ++blk) {
+        const int rows = (na - a) / (blocks - blk);  // even split of what is left
+        const float *Ma = M ? M + a * ms : nullptr;
+        switch (rows) {
+#define ROWS(k)                                                                      \
+    case k:                                                                          \
+        if constexpr (k <= most)                                                     \
+            product<k, NV, SCORES>(A + a * sa, sa, sb, Y, ys, nb, C + a * cs, cs, scale, \
+                                   Ma, ms, mx);                                      \
+        break;
+            ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) ROWS(9) ROWS(10)
+            ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16) ROWS(17) ROWS(18) ROWS(19)
+            ROWS(20) ROWS(21) ROWS(22) ROWS(23) ROWS(24)
+#undef ROWS
+            default:
+                break;
+        }
+        a += rows;
+    }
+}
+
+// C (na × rp) over all rp columns of Y: four vectors at a time, then two, then one.
+template <bool SCORES>
+void product_all(int na, const float *A, int64_t sa, int64_t sb, const float *Y, int64_t rp,
+                 int nb, float *C, float scale, const float *M, int64_t ms, float *mx) {
+    int64_t u = 0;
+    for (; u + 4 * V <= rp; u += 4 * V)
+        product_rows<4, SCORES>(na, A, sa, sb, Y + u, rp, nb, C + u, rp, scale, M ? M + u : M,
+                                ms, mx ? mx + u : mx);
+    for (; u + 2 * V <= rp; u += 2 * V)
+        product_rows<2, SCORES>(na, A, sa, sb, Y + u, rp, nb, C + u, rp, scale, M ? M + u : M,
+                                ms, mx ? mx + u : mx);
+    if (u < rp)
+        product_rows<1, SCORES>(na, A, sa, sb, Y + u, rp, nb, C + u, rp, scale, M ? M + u : M,
+                                ms, mx ? mx + u : mx);
+}
+
+// dst[c][a] = src[a][c] (· scale[c] when given) for a < na, c < nc: sixteen rows of src
+// read at a time with a gather.
+void transpose(const float *src, int64_t ss, int na, int nc, float *dst, int64_t ds,
+               const float *scale = nullptr) {
+    int a = 0;
+    if (ss * V < (int64_t)1 << 31) {  // gather offsets are 32-bit
+        const __m512i idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32((int)ss));
+        for (; a + V <= na; a += V)
+            for (int c = 0; c < nc; ++c) {
+                vf x = (vf)_mm512_i32gather_ps(idx, src + a * ss + c, 4);
+                store(dst + c * ds + a, scale ? x * splat(scale[c]) : x);
+            }
+    }
+    for (; a < na; ++a)
+        for (int c = 0; c < nc; ++c) dst[c * ds + a] = src[a * ss + c] * (scale ? scale[c] : 1.0f);
+}
+
+
+// Rows of a block computed at a time: four vectors of queries (each broadcast element of
+// K or V feeds four multiply-adds; measured 5% faster than two). Blocks with more rows
+// run in chunks of this many, each against all of the block's keys.
+constexpr int CHUNK = 4 * V;
+
+// Keys per slice of the online softmax: the slice's scores (KEYS × CHUNK floats, 32 KiB)
+// stay near the core; measured against 64 and 512, 128 was as fast or faster.
+constexpr int KEYS = 128;
+
+struct Buffers {
+    // Qᵀ (D × CHUNK), Sᵀ of a slice (KEYS × CHUNK), Oᵀ (Dv × CHUNK); running max, sum and
+    // the slice max (CHUNK each)
+    float *qt, *st, *ot, *mx, *sum, *cmx;
+};
+
+// One chunk of r ≤ CHUNK queries against nk keys: out (r × Dv, row stride o_row) and lse.
+// mask: the chunk's first column of the item's transposed mask (row stride ms), or null.
+void chunk(const float *qb, int64_t q_row, const float *kb, int64_t k_row, const float *vb,
+           int64_t v_row, const float *mb, int64_t ms, int tail, float *ob, int64_t o_row,
+           float *lb, int64_t l_row, int r, int nk, int D, int Dv, float scale,
+           const Buffers &w) {
+    const int64_t rp = (r + V - 1) / V * V;
+    transpose(qb, q_row, r, D, w.qt, rp);
+    // keys from `masked` on take the mask (all of them, or a causal block's last `tail`)
+    const int masked = mb == nullptr ? nk : tail > 0 ? nk - tail : 0;
+    for (int64_t u = 0; u < rp; u += V) {
+        store(w.mx + u, splat(-INFINITY));
+        store(w.sum + u, vf{});
+    }
+    std::memset(w.ot, 0, sizeof(float) * Dv * rp);
+    // keys in slices of KEYS, merged by the online softmax (FlashAttention-2): the
+    // slice's scores, probabilities and the output stay in L1
+    for (int c0 = 0; c0 < nk; c0 += KEYS) {
+        const int c1 = c0 + KEYS < nk ? c0 + KEYS : nk;
+        // Sᵀ = scale · K · Qᵀ (+ mask), and the slice's max score per query: rows of K
+        // broadcast against query vectors
+        for (int64_t u = 0; u < rp; u += V) store(w.cmx + u, splat(-INFINITY));
+        const int split = c0 > masked ? c0 : c1 < masked ? c1 : masked;  // in [c0, c1]
+        if (split > c0)
+            product_all<true>(split - c0, kb + c0 * k_row, k_row, 1, w.qt, rp, D, w.st, scale,
+                              nullptr, 0, w.cmx);
+        if (c1 > split)
+            product_all<true>(c1 - split, kb + split * k_row, k_row, 1, w.qt, rp, D,
+                              w.st + (split - c0) * rp, scale, mb ? mb + (split - masked) * ms : mb, ms,
+                              w.cmx);
+        for (int64_t u = 0; u < rp; u += V) {
+            const vf m = load(w.mx + u), top = load(w.cmx + u);
+            const vf m_new = top > m ? top : m;
+            const vf ref = m_new == splat(-INFINITY) ? splat(0.0f) : m_new;  // no key yet
+            const vf alpha = vexp(m - ref);  // rescales what earlier slices summed
+            vf l = load(w.sum + u) * alpha;
+            for (int j = 0; j < c1 - c0; ++j) {
+                vf e = vexp(load(w.st + j * rp + u) - ref);
+                store(w.st + j * rp + u, e);
+                l += e;
+            }
+            for (int e = 0; e < Dv; ++e) store(w.ot + e * rp + u, load(w.ot + e * rp + u) * alpha);
+            store(w.mx + u, m_new);
+            store(w.sum + u, l);
+        }
+        // Oᵀ += Vᵀ · Pᵀ: columns of V broadcast against the probability vectors
+        product_all<false>(Dv, vb + c0 * v_row, 1, v_row, w.st, rp, c1 - c0, w.ot, 1.0f,
+                           nullptr, 0, nullptr);
+    }
+    for (int a = 0; a < r; ++a) {
+        const float l = w.sum[a];
+        lb[a * l_row] = l == 0 ? -INFINITY : w.mx[a] + std::log(l);
+        w.sum[a] = l == 0 ? 0.0f : 1.0f / l;  // NaN stays NaN
+    }
+    transpose(w.ot, rp, Dv, r, ob, o_row, w.sum);
+}
+
+// Items of n_groups × n_blocks sub-blocks; item = g·n_blocks + i. Element offsets of
+// group g are q_off[g] ... (from the tensors' first elements); block i adds i·*_step. Row
+// strides *_row. Block i reads nk + i·grow keys. mask: additive (0 / −inf), transposed
+// (keys × mrow, mrow = r rounded up to V) per item at mask + m_off[g] + i·m_step, or null;
+// with tail > 0 it covers only the last `tail` keys of the span (the others are all
+// visible: a causal block's diagonal tile). out rows hold Dv floats (stride 1).
+struct Job {
+    const float *q, *k, *v, *mask;
+    float *out, *lse;
+    int64_t n_blocks;
+    const int64_t *q_off, *k_off, *v_off, *m_off, *o_off, *l_off;
+    int64_t q_step, k_step, v_step, m_step, o_step, l_step;
+    int64_t q_row, k_row, v_row, o_row, l_row;
+    int r, nk, grow, tail, D, Dv;
+    float scale;
+};
+
+// Rows [c, c + CHUNK) of one item.
+void run_unit(const Job &j, int64_t item, int c, const Buffers &w) {
+    const int64_t g = item / j.n_blocks, i = item % j.n_blocks;
+    const float *qb = j.q + j.q_off[g] + i * j.q_step;
+    const float *kb = j.k + j.k_off[g] + i * j.k_step;
+    const float *vb = j.v + j.v_off[g] + i * j.v_step;
+    const float *mb = j.mask ? j.mask + j.m_off[g] + i * j.m_step : nullptr;
+    float *ob = j.out + j.o_off[g] + i * j.o_step;
+    float *lb = j.lse + j.l_off[g] + i * j.l_step;
+    const int nk = j.nk + (int)(i * j.grow);
+    const int64_t mrow = (j.r + V - 1) / V * V;
+    chunk(qb + c * j.q_row, j.q_row, kb, j.k_row, vb, j.v_row, mb ? mb + c : nullptr, mrow,
+          j.tail, ob + c * j.o_row, j.o_row, lb + c * j.l_row, j.l_row,
+          j.r - c < CHUNK ? j.r - c : CHUNK, nk, j.D, j.Dv, j.scale, w);
+}
+
+}  // namespace
+
+extern "C" {
+
+int qkv_native_vector_width() { return V; }
+
+// Every item of the job (see Job) in units of CHUNK rows, handed one at a time to the
+// `threads` threads of the OpenMP pool (blocks of a causal job grow, and a job may have
+// fewer blocks than threads, so a static split of the items would be uneven).
+// Loaded into a process that runs torch, libgomp is torch's own (same soname): these are
+// the threads torch's operators use, and no second pool competes with them for the cores.
+// Returns nonzero if a thread could not allocate its buffers.
+int qkv_native_forward(const float *q, const float *k, const float *v, const float *mask,
+                       float *out, float *lse, int64_t n_items, int64_t n_blocks,
+                       const int64_t *q_off, const int64_t *k_off, const int64_t *v_off,
+                       const int64_t *m_off, const int64_t *o_off, const int64_t *l_off,
+                       int64_t q_step, int64_t k_step, int64_t v_step, int64_t m_step,
+                       int64_t o_step, int64_t l_step, int64_t q_row, int64_t k_row,
+                       int64_t v_row, int64_t o_row, int64_t l_row, int r, int nk, int grow,
+                       int tail, int D, int Dv, float scale, int threads) {
+    const Job job{q,      k,      v,      mask,   out,    lse,    n_blocks, q_off,
+                  k_off,  v_off,  m_off,  o_off,  l_off,  q_step, k_step,   v_step,
+                  m_step, o_step, l_step, q_row,  k_row,  v_row,  o_row,    l_row,
+                  r,      nk,     grow,   tail,   D,      Dv,     scale};
+    const size_t floats = (size_t)CHUNK * (D + KEYS + Dv + 3);
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
+    {
+        float *buf = static_cast<float *>(std::aligned_alloc(64, (floats * 4 + 63) / 64 * 64));
+        if (buf) std::memset(buf, 0, floats * 4);  // padded query columns stay finite
+        float *at = buf;
+        auto take = [&at](int64_t n) { float *p = at; at += n * CHUNK; return p; };
+        Buffers w{take(D), take(KEYS), take(Dv), take(1), take(1), take(1)};
+        failed |= buf == nullptr;
+        const int64_t per_item = (r + CHUNK - 1) / CHUNK;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t unit = 0; unit < n_items * per_item; ++unit)
+            if (buf) run_unit(job, unit / per_item, (int)(unit % per_item) * CHUNK, w);
+        std::free(buf);
+    }
+    return failed;
+}
+
+}  // extern "C"

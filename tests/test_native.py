@@ -1,0 +1,229 @@
+"""The native kernel (native.cpp) equals the float64 truth, and falls back cleanly.
+
+Its own problems (dense and causal float32 forwards) are compared with the NumPy truth
+across the sizes where its blocking changes: 64-row chunks, 16-query vectors, 128-key
+slices of the online softmax, head widths that are not a multiple of anything. As the
+tiled kernel's engine for float32 jobs it is compared with torch's fused kernel on the
+same plans. Where it cannot be built (no AVX-512, no compiler) those tests skip, and the
+fallback tests still run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import qkv
+from conftest import assert_close, make_qkv, naive_attention, naive_lse, numpy_truth
+from qkv import masks
+from qkv._validate import build_problem
+from qkv.kernels import native, stacked, tiled
+
+WHY = native.unavailable()
+needs_native = pytest.mark.skipif(WHY is not None, reason=f"native kernel unavailable: {WHY}")
+
+SIZES = [  # (B, Hq, Hkv, Tq, Tk, D, Dv)
+    (1, 1, 1, 1, 1, 1, 1),
+    (2, 2, 2, 1, 300, 16, 16),  # decoding: one query against a cache
+    (1, 2, 2, 63, 63, 64, 64),  # one chunk less one row
+    (1, 2, 1, 64, 128, 64, 64),  # one chunk, one slice
+    (2, 4, 2, 65, 129, 59, 17),  # chunk + 1, slice + 1, GQA, odd widths
+    (1, 3, 1, 129, 257, 8, 80),  # MQA, Dv > D
+    (1, 2, 2, 100, 1000, 128, 64),
+    (1, 1, 1, 17, 2048, 33, 33),
+]
+
+
+def _run_native(q, k, v, **options):
+    with torch.no_grad():
+        return qkv.attention(q, k, v, kernel="native", return_lse=True, **options)
+
+
+@needs_native
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_native_matches_truth(size, causal):
+    B, Hq, Hkv, Tq, Tk, D, Dv = size
+    q, k, v = (t.detach() for t in make_qkv(size, torch.float32, seed=Tq + Tk))
+    allowed = masks.causal().to_dense(B, Hq, Tq, Tk) if causal else None
+    truth = numpy_truth(q, k, v, allowed)
+    res = _run_native(q, k, v, causal=causal)
+    base, _ = naive_attention(q, k, v, allowed)
+    assert_close(res.output, truth["out"], base, torch.float32, "out")
+    assert res.lse.dtype == torch.float32
+    assert_close(res.lse, truth["lse"], naive_lse(q, k, allowed), torch.float32, "lse")
+
+
+@needs_native
+def test_native_takes_any_strides():
+    """Inputs in token-major storage (a projection viewed as (B, T, H, D)) and a
+    non-contiguous slice give the same result as contiguous ones."""
+    q, k, v = (t.detach() for t in make_qkv((2, 4, 4, 70, 90, 32, 32), torch.float32))
+    token_major = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    wide = torch.randn(2, 4, 90, 64)
+    wide[..., :32] = k
+    sliced_k = wide[..., :32]  # rows of 64 floats, 32 of them used
+    a = _run_native(q, k, v)
+    b = _run_native(*token_major)
+    c = _run_native(q, sliced_k, v)
+    for other in (b, c):
+        torch.testing.assert_close(other.output, a.output, rtol=0, atol=0)
+        torch.testing.assert_close(other.lse, a.lse, rtol=0, atol=0)
+
+
+@needs_native
+def test_thread_count_does_not_change_the_result():
+    """Every block is computed by one thread whatever their number: bit-for-bit equal."""
+    q, k, v = (t.detach() for t in make_qkv((1, 4, 4, 300, 300, 64, 64), torch.float32))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_native(q, k, v, causal=True)
+        torch.set_num_threads(max(2, threads))
+        many = _run_native(q, k, v, causal=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.output, many.output) and torch.equal(one.lse, many.lse)
+
+
+@needs_native
+def test_nan_propagates_to_its_row_only():
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 2, 40, 40, 16, 16), torch.float32))
+    q[0, 1, 5, 3] = float("nan")
+    out = _run_native(q, k, v).output
+    bad = torch.isnan(out).any(-1)  # (B, H, Tq)
+    assert bad[0, 1, 5] and int(bad.sum()) == 1
+
+
+TILED_MASKS = {
+    "window": (masks.window(6, 1), False),
+    "causal-window": (masks.window(10), True),
+    "padding with an empty sequence": (masks.padding([0, 70]), False),
+    "document&causal": ("document", True),
+    "window|padding": (masks.window(3) | masks.padding([5, 1]), False),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("mask_name", list(TILED_MASKS))
+def test_tiled_jobs_on_native_equal_torchs_fused_kernel(mask_name, monkeypatch):
+    """The tiled kernel's float32 jobs (strided, masked, rows that see nothing, per-batch
+    masks) give torch's fused kernel's outputs and lse, and the backward still works."""
+    B, Hq, Hkv, Tq, Tk = 2, 4, 2, 70, 90
+    mask, causal = TILED_MASKS[mask_name]
+    if mask == "document":
+        g = torch.Generator().manual_seed(0)
+        ids = torch.sort(torch.randint(0, 3, (B, Tq), generator=g), -1).values
+        kv = torch.sort(torch.randint(0, 3, (B, Tk), generator=g), -1).values
+        mask = masks.document(ids, kv)
+    q, k, v = make_qkv((B, Hq, Hkv, Tq, Tk, 8, 8), torch.float32)
+    dout = torch.randn(B, Hq, Tq, 8)
+    ran = []
+    original = stacked._native_forward
+
+    def spy(*args):
+        ran.append(True)
+        return original(*args)
+
+    def run():
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        p = build_problem(qq, kk, vv, mask=mask, causal=causal, return_lse=True)
+        res = tiled.run(qq, kk, vv, p, block_q=16, block_k=8, refine_rows=4)
+        res.output.backward(dout)
+        return res.output, res.lse, qq.grad, kk.grad, vv.grad
+
+    monkeypatch.setattr(stacked, "_native_forward", spy)
+    on_native = run()
+    assert ran  # native jobs really ran
+    monkeypatch.setattr(stacked, "_native", lambda *a: False)
+    on_torch = run()
+    for what, a, b in zip(("out", "lse", "dq", "dk", "dv"), on_native, on_torch, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6, msg=what)
+    empty = torch.isneginf(on_native[1])
+    if mask_name.startswith("padding"):
+        assert empty[0].all() and not empty[1].any()  # length 0: every row sees nothing
+        assert (on_native[0][0] == 0).all()
+
+
+def test_dispatch_reasons():
+    q = torch.randn(1, 2, 64, 16)
+    choice = qkv.explain(q, q, q)
+    if WHY is None:
+        assert choice.name == "native"
+        assert qkv.explain(q, q, q, causal=True).name == "native"
+    else:
+        assert choice.name == "fused" and "not native: not built here" in choice.reason
+    g = q.clone().requires_grad_()
+    assert qkv.explain(g, g, g).name == "fused"
+    assert "gradients" in qkv.explain(g, g, g).reason
+    with torch.no_grad():  # no gradient wanted after all
+        assert qkv.explain(g, g, g).name == qkv.explain(q, q, q).name
+    assert "float32 only" in qkv.explain(q.double(), q.double(), q.double()).reason
+    top_left = qkv.explain(q, q[:, :, :10], q[:, :, :10], causal=True)  # Tq > Tk
+    assert top_left.name != "native"
+    assert qkv.explain(q, q, q, return_weights=True).name == "tiled"
+    assert qkv.explain(q, q, q, dropout_p=0.1).name != "native"
+    assert qkv.explain(q, q, q, mask=masks.window(4)).name != "native"
+    with pytest.raises(ValueError, match="kernel='native' cannot run this call"):
+        qkv.explain(q.double(), q.double(), q.double(), kernel="native")
+
+
+def _python(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "QKV_CACHE_DIR": str(tmp_path / "cache"), **env}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
+
+
+SAME_AS_SDPA = """
+    import torch, qkv
+    from qkv.kernels import native
+    print("why:", native.unavailable())
+    q = torch.randn(1, 2, 100, 16)
+    out = qkv.attention(q, q, q)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert (out - ref).abs().max() < 1e-5, "wrong result"
+    print("kernel:", qkv.explain(q, q, q).name)
+"""
+
+
+def test_disabled_by_environment_falls_back(tmp_path):
+    done = _python(SAME_AS_SDPA, tmp_path, QKV_NATIVE="0")
+    assert done.returncode == 0, done.stderr
+    assert "why: disabled by QKV_NATIVE=0" in done.stdout
+    assert "kernel: fused" in done.stdout
+
+
+def test_failed_build_falls_back_with_the_reason(tmp_path):
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'no compiling today' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    done = _python(SAME_AS_SDPA, tmp_path, CXX=str(broken))
+    assert done.returncode == 0, done.stderr
+    if WHY is None:  # on a machine where a real build works, this one must fail visibly
+        assert "failed: no compiling today" in done.stdout
+    assert "kernel: fused" in done.stdout
+    assert not list((tmp_path / "cache").glob("*"))  # nothing half-written is left
+
+
+@needs_native
+def test_build_is_cached_and_written_whole(tmp_path):
+    first = _python(SAME_AS_SDPA, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "kernel: native" in first.stdout
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("native-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    second = _python(SAME_AS_SDPA, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert list((tmp_path / "cache").iterdir()) == built  # reused, not rebuilt
+    assert built[0].stat().st_mtime_ns == stamp
