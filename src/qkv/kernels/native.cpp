@@ -41,23 +41,25 @@ inline void prefetch(const float *p) { _mm_prefetch(reinterpret_cast<const char 
 inline void store(float *p, vf x) { *reinterpret_cast<vfu *>(p) = x; }
 inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
-// exp(x) in float32 for x ≤ 0 (scores minus their row max): x = n·ln2 + r, |r| ≤ ln2/2,
-// e^r by Cephes' degree-6 polynomial (expf), times 2^n by vscalefps. Below −87.33 (where
-// e^x leaves the normal float range; −inf for a masked key) the result is exactly 0:
-// denormal probabilities would slow every product that reads them. NaN in, NaN out.
+// exp(x) in float32 for x ≤ 0 (scores minus their row max): x = n·ln2 + r, |r| ≤ ln2/2
+// (ln2 in two parts, Cody-Waite), e^r by its degree-6 Taylor polynomial (relative error
+// < 1.3e-7 there), times 2^n by vscalefps. Lanes below −87.33 (where e^x leaves the normal
+// float range; −inf for a masked key) come out exactly 0, since denormal probabilities
+// would slow every product that reads them; NaN compares "not less" and stays NaN.
 inline vf vexp(vf x) {
-    vf n = (vf)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * r * r + r + splat(1.0f);
-    vf e = (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
-    return x < splat(-87.33654f) ? splat(0.0f) : e;
+    const __m512 xs = (__m512)x;
+    const __mmask16 live = _mm512_cmp_ps_mask(xs, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
+    const vf n = (vf)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    vf p = splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    return (vf)_mm512_maskz_scalef_ps(live, (__m512)p, (__m512)n);
 }
 
 // C[a][0:NV·V] = Σ_{b < nb} A[a·sa + b·sb] · Y[b·ys + 0:NV·V]  for a < AB: AB scalars
@@ -211,6 +213,33 @@ struct Buffers {
     float *qt, *st, *ot, *mx, *sum, *cmx;
 };
 
+// The online softmax over one slice of nk scores per query (NV vectors of queries):
+// new running max m', Pᵀ = exp(Sᵀ − m') in place, l = α·l + Σ Pᵀ and Oᵀ ·= α with
+// α = exp(m − m'). Rows of Sᵀ are walked in order, all NV vectors of a row at once.
+template <int NV>
+void softmax_slice(const Buffers &w, int nk, int Dv) {
+    constexpr int rp = NV * V;
+    vf ref[NV], alpha[NV], l[NV];
+    for (int u = 0; u < NV; ++u) {
+        const vf m = load(w.mx + u * V), top = load(w.cmx + u * V);
+        const vf m_new = top > m ? top : m;
+        ref[u] = m_new == splat(-INFINITY) ? splat(0.0f) : m_new;  // no key yet: exp(−inf) = 0
+        alpha[u] = vexp(m - ref[u]);  // rescales what earlier slices summed
+        l[u] = load(w.sum + u * V) * alpha[u];
+        store(w.mx + u * V, m_new);
+    }
+    for (int j = 0; j < nk; ++j)
+        for (int u = 0; u < NV; ++u) {
+            const vf e = vexp(load(w.st + j * rp + u * V) - ref[u]);
+            store(w.st + j * rp + u * V, e);
+            l[u] += e;
+        }
+    for (int e = 0; e < Dv; ++e)
+        for (int u = 0; u < NV; ++u)
+            store(w.ot + e * rp + u * V, load(w.ot + e * rp + u * V) * alpha[u]);
+    for (int u = 0; u < NV; ++u) store(w.sum + u * V, l[u]);
+}
+
 // One chunk of r ≤ CHUNK queries against nk keys: out (r × Dv, row stride o_row) and lse.
 // mask: the chunk's first column of the item's transposed mask (row stride ms), or null.
 void chunk(const float *qb, int64_t q_row, const float *kb, int64_t k_row, const float *vb,
@@ -243,21 +272,14 @@ void chunk(const float *qb, int64_t q_row, const float *kb, int64_t k_row, const
             product_all<true>(c1 - split, kb + split * k_row, k_row, 1, w.qt, rp, D,
                               w.st + (split - c0) * rp, scale, mb ? mb + (split - masked) * ms : mb, ms,
                               w.cmx);
-        for (int64_t u = 0; u < rp; u += V) {
-            const vf m = load(w.mx + u), top = load(w.cmx + u);
-            const vf m_new = top > m ? top : m;
-            const vf ref = m_new == splat(-INFINITY) ? splat(0.0f) : m_new;  // no key yet
-            const vf alpha = vexp(m - ref);  // rescales what earlier slices summed
-            vf l = load(w.sum + u) * alpha;
-            for (int j = 0; j < c1 - c0; ++j) {
-                vf e = vexp(load(w.st + j * rp + u) - ref);
-                store(w.st + j * rp + u, e);
-                l += e;
-            }
-            for (int e = 0; e < Dv; ++e) store(w.ot + e * rp + u, load(w.ot + e * rp + u) * alpha);
-            store(w.mx + u, m_new);
-            store(w.sum + u, l);
-        }
+        if (rp == 4 * V)
+            softmax_slice<4>(w, c1 - c0, Dv);
+        else if (rp == 2 * V)
+            softmax_slice<2>(w, c1 - c0, Dv);
+        else if (rp == 3 * V)
+            softmax_slice<3>(w, c1 - c0, Dv);
+        else
+            softmax_slice<1>(w, c1 - c0, Dv);
         // Oᵀ += Vᵀ · Pᵀ: columns of V broadcast against the probability vectors
         product_all<false>(Dv, vb + c0 * v_row, 1, v_row, w.st, rp, c1 - c0, w.ot, 1.0f,
                            nullptr, 0, nullptr);
