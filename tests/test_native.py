@@ -40,8 +40,9 @@ SIZES = [  # (B, Hq, Hkv, Tq, Tk, D, Dv)
 
 
 def _run_native(q, k, v, **options):
-    with torch.no_grad():
-        return qkv.attention(q, k, v, kernel="native", return_lse=True, **options)
+    """The native kernel itself, also where dispatch would not pick it (few queries)."""
+    p = build_problem(q, k, v, return_lse=True, **options)
+    return native.run(q, k, v, p)
 
 
 @needs_native
@@ -101,11 +102,11 @@ def test_nan_propagates_to_its_row_only():
 
 
 TILED_MASKS = {
-    "window": (masks.window(6, 1), False),
-    "causal-window": (masks.window(10), True),
-    "padding with an empty sequence": (masks.padding([0, 70]), False),
+    "window": (masks.window(40, 7), False),
+    "causal-window": (masks.window(50), True),
+    "padding with an empty sequence": (masks.padding([0, 150]), False),
     "document&causal": ("document", True),
-    "window|padding": (masks.window(3) | masks.padding([5, 1]), False),
+    "window|padding": (masks.window(30) | masks.padding([50, 1]), False),
 }
 
 
@@ -114,7 +115,7 @@ TILED_MASKS = {
 def test_tiled_jobs_on_native_equal_torchs_fused_kernel(mask_name, monkeypatch):
     """The tiled kernel's float32 jobs (strided, masked, rows that see nothing, per-batch
     masks) give torch's fused kernel's outputs and lse, and the backward still works."""
-    B, Hq, Hkv, Tq, Tk = 2, 4, 2, 70, 90
+    B, Hq, Hkv, Tq, Tk = 2, 4, 2, 150, 170
     mask, causal = TILED_MASKS[mask_name]
     if mask == "document":
         g = torch.Generator().manual_seed(0)
@@ -133,7 +134,7 @@ def test_tiled_jobs_on_native_equal_torchs_fused_kernel(mask_name, monkeypatch):
     def run():
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
         p = build_problem(qq, kk, vv, mask=mask, causal=causal, return_lse=True)
-        res = tiled.run(qq, kk, vv, p, block_q=16, block_k=8, refine_rows=4)
+        res = tiled.run(qq, kk, vv, p, block_q=64, block_k=32, refine_rows=32)
         res.output.backward(dout)
         return res.output, res.lse, qq.grad, kk.grad, vv.grad
 
@@ -153,6 +154,8 @@ def test_tiled_jobs_on_native_equal_torchs_fused_kernel(mask_name, monkeypatch):
 def test_dispatch_reasons():
     q = torch.randn(1, 2, 64, 16)
     choice = qkv.explain(q, q, q)
+    decoding = qkv.explain(q[:, :, :31], q, q)
+    assert decoding.name == "fused" and "fewer than 32 queries" in decoding.reason
     if WHY is None:
         assert choice.name == "native"
         assert qkv.explain(q, q, q, causal=True).name == "native"

@@ -110,15 +110,15 @@ def _calls(x, job: Job, B: int):
 
 
 def _native(x, job: Job, dtype) -> bool:
-    """Whether a job runs on native.cpp (float32 on the CPU, evenly spaced blocks): where
-    it is built, it is faster than torch's fused kernel on every job shape of the plans
-    measured (windows, documents, causal; benchmarks/tile_sizes.py)."""
+    """Whether a job runs on native.cpp (float32 on the CPU, evenly spaced blocks of at
+    least MIN_ROWS queries): where it is built, it was faster than torch's fused kernel on
+    every such job of the plans measured (windows, documents, causal)."""
     return (
         dtype == torch.float32
         and x.q.dtype == torch.float32
         and x.q.device.type == "cpu"
         and job.keys > 0
-        and job.rows > 0
+        and job.rows >= native.MIN_ROWS
         and _steps(job) is not None
         and native.unavailable() is None
     )
