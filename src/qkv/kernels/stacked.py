@@ -1,5 +1,9 @@
 """Run a tile plan's jobs through torch's fused CPU kernel, many tiles per call.
 
+(float32 forward jobs of evenly spaced blocks run on qkv's native kernel instead, which
+takes the same strided windows and writes straight into the output slabs; see
+native.py.)
+
 Letters: B batch, H query heads, T lengths, W head width (after padding), n blocks in a
 job, r rows per block, k keys per block.
 

@@ -21,6 +21,8 @@ tile too. Memory is O(T): q, k, v, the output and the lse are all that is saved.
 
 Two tile engines:
 - "fused" calls torch's fused forward/backward (no dropout, and no gradient for a bias);
+  where it is built, float32 forward jobs run on qkv's native kernel (native.py) instead,
+  whose lse the fused backward takes like its own;
 - "math" writes the tile out with matmuls: used for dropout (a per-tile generator, so the
   backward regenerates the same keep-mask) and for the gradient of a bias.
 """

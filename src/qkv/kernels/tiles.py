@@ -37,11 +37,12 @@ __all__ = [
 ]
 
 # Tile sizes, measured with benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64, T=16384;
-# windows of 256 and 1024 keys, 4 causal documents, causal with lse): 256 × 256 was the
-# fastest or within ~10% of it in every workload forward, and the fastest or close to it
-# forward+backward, where small tiles lose (the backward recomputes each overlapping key
-# span). Smaller tiles follow a mask more tightly (a window of w keys costs about
-# w + BLOCK_Q keys per row) but pay more per-call and per-merge overhead.
+# windows of 256 and 1024 keys, 4 causal documents, causal with lse; float32 forward jobs
+# on the native kernel): 256 × 256 was within ~10% of the fastest forward in every
+# workload but the 1024-key window (95 ms against 77 with 64 × 64 tiles), and the fastest
+# or within 7% forward+backward, where small tiles lose (the backward recomputes each
+# overlapping key span: 561 ms with 64 × 64 tiles against 420 for that window). Smaller
+# tiles follow a mask more tightly but pay more per-call and per-merge overhead.
 BLOCK_Q = 256
 BLOCK_K = 256
 
@@ -257,11 +258,11 @@ def compact_keys(jobs: list[Job], Tk: int, device=None) -> tuple[torch.Tensor | 
 
 
 # Rows of the sub-blocks `refine_jobs` cuts masked blocks into, measured with
-# benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64, 256 × 256 tiles, forward): a
-# 256-key window over 16,384 tokens took 42 / 39 / 41 / 48 / 57 ms with 16 / 32 / 64 /
-# 128 / 256 (= unrefined) rows; a 1024-key window, 4 causal documents and causal with the
-# lse moved by less than the run-to-run noise (±10%). A band of w keys then costs about
-# w + REFINE_ROWS keys per row instead of w + BLOCK_Q.
+# benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64, 256 × 256 tiles, forward, jobs on
+# the native kernel): a 256-key window over 16,384 tokens took 35 / 25 / 27 / 32 / 40 ms
+# with 16 / 32 / 64 / 128 / 256 (= unrefined) rows; a 1024-key window, 4 causal documents
+# and causal with the lse moved by less than the run-to-run noise (±10%). A band of w keys
+# then costs about w + REFINE_ROWS keys per row instead of w + BLOCK_Q.
 REFINE_ROWS = 32
 
 # Refine a job only when its sub-blocks skip at least this fraction of its keys.
