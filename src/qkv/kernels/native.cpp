@@ -178,7 +178,7 @@ inline void transpose16(__m512 x[16]) {
 // dst[c][a] = src[a][c] (· scale[c] when given) for a < na, c < nc, in 16 × 16 blocks
 // transposed in registers; partial blocks load zeros and store only their part.
 void transpose(const float *src, int64_t ss, int na, int nc, float *dst, int64_t ds,
-               const float *scale = nullptr) {
+               const float *scale = nullptr, bool stream = false) {
     for (int a0 = 0; a0 < na; a0 += V) {
         const int ra = na - a0 < V ? na - a0 : V;
         const __mmask16 rows = (__mmask16)((1u << ra) - 1);
@@ -192,7 +192,11 @@ void transpose(const float *src, int64_t ss, int na, int nc, float *dst, int64_t
             transpose16(x);
             for (int j = 0; j < rc; ++j) {
                 const __m512 y = scale ? _mm512_mul_ps(x[j], _mm512_set1_ps(scale[c0 + j])) : x[j];
-                _mm512_mask_storeu_ps(dst + (c0 + j) * ds + a0, rows, y);
+                float *to = dst + (c0 + j) * ds + a0;
+                if (stream && ra == V && (reinterpret_cast<uintptr_t>(to) & 63) == 0)
+                    _mm512_stream_ps(to, y);  // a whole line: no read for ownership
+                else
+                    _mm512_mask_storeu_ps(to, rows, y);
             }
         }
     }
@@ -289,7 +293,7 @@ void chunk(const float *qb, int64_t q_row, const float *kb, int64_t k_row, const
         lb[a * l_row] = l == 0 ? -INFINITY : w.mx[a] + std::log(l);
         w.sum[a] = l == 0 ? 0.0f : 1.0f / l;  // NaN stays NaN
     }
-    transpose(w.ot, rp, Dv, r, ob, o_row, w.sum);
+    transpose(w.ot, rp, Dv, r, ob, o_row, w.sum, true);
 }
 
 // Items of n_groups × n_blocks sub-blocks; item = g·n_blocks + i. Element offsets of
@@ -381,6 +385,7 @@ int qkv_native_forward(const float *q, const float *k, const float *v, const flo
             for (int64_t unit = 0; unit < units; ++unit)
                 if (buf) run_unit(job, unit / per_item, (int)(unit % per_item) * CHUNK, w);
         }
+        _mm_sfence();  // the output's streaming stores are visible before anyone reads it
         std::free(buf);
     }
     return failed;
