@@ -18,6 +18,8 @@ their strides. Results are written token-major, the layout the kernel returns.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import native
@@ -123,21 +125,35 @@ def _native(x, job: Job, dtype) -> bool:
         and x.q.device.type == "cpu"
         and job.keys > 0
         and job.rows >= native.MIN_ROWS
-        and _steps(job) is not None
         and native.unavailable() is None
+        and _native_job(job)[0] is not None  # evenly spaced blocks
     )
+
+
+# Per job: its steps and its mask as the native kernel reads it. Jobs of cached plans
+# (tiles of tensor-free masks) live on, and so do these; others go with their job.
+_NATIVE_JOBS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _native_job(job: Job):
+    """(steps, additive mask transposed (Bm, n|1, Hm, k, rp) float32 or None) of a job."""
+    got = _NATIVE_JOBS.get(job)
+    if got is None:
+        mask_t = None
+        allowed = _allowed(job)  # (Bm, n|1, Hm, r, k) or None
+        if allowed is not None:
+            rp = -(-job.rows // 16) * 16
+            mask_t = torch.zeros(*allowed.shape[:3], job.keys, rp, dtype=torch.float32)
+            inside = mask_t[..., : job.rows]
+            inside.masked_fill_(~allowed.transpose(-1, -2).cpu(), float("-inf"))
+        got = _NATIVE_JOBS[job] = (_steps(job), mask_t)
+    return got
 
 
 def _native_forward(x, job: Job, scale: float, slab_o, slab_l) -> None:
     """One regular job on native.cpp, written straight into the slabs."""
     n, r, k = len(job.q_starts), job.rows, job.keys
-    sq, sk = _steps(job)
-    mask_t = None
-    allowed = _allowed(job)  # (Bm, n|1, Hm, r, k) or None
-    if allowed is not None:
-        rp = -(-r // 16) * 16
-        mask_t = torch.zeros(*allowed.shape[:3], k, rp, dtype=torch.float32)
-        mask_t[..., :r].masked_fill_(~allowed.transpose(-1, -2).cpu(), float("-inf"))
+    (sq, sk), mask_t = _native_job(job)
     native.forward(
         x.q, x.k, x.v, slab_o, slab_l, q0=job.q_starts[0], k0=job.k_starts[0], sq=sq, sk=sk,
         n=n, rows=r, keys=k, scale=scale, mask_t=mask_t,
@@ -157,19 +173,27 @@ def merge(acc_o, acc_l, o, l):
     return acc_o * w_acc + o * w_new, new_l
 
 
+# Rows no job of an ordinal writes, by the ordinal's first job (None: every row is written).
+_IDLE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _slabs(jobs: list[Job], ordinal: int, shape, dtype, device):
     """Output (B, T, H, W) and lse (B, T, H) buffers for the jobs of one ordinal: rows no
     job writes hold 0 / -inf, the others are left for the jobs to fill (no zero pass)."""
     B, T, H, W = shape
     slab_o = torch.empty(B, T, H, W, dtype=dtype, device=device)
     slab_l = torch.empty(B, T, H, dtype=dtype, device=device)
-    covered = torch.zeros(T, dtype=torch.bool)
-    for job in jobs:
-        if job.ordinal != ordinal:
-            break
-        covered[_indices(job.q_starts, job.rows, "cpu")] = True
-    if not bool(covered.all()):
-        idle = (~covered).to(device)
+    key = jobs[0]  # the first job of the ordinal stands for its jobs (all cached together)
+    idle = _IDLE_ROWS.get(key, False)
+    if idle is False:
+        covered = torch.zeros(T, dtype=torch.bool)
+        for job in jobs:
+            if job.ordinal != ordinal:
+                break
+            covered[_indices(job.q_starts, job.rows, "cpu")] = True
+        idle = None if bool(covered.all()) else (~covered).to(device)
+        _IDLE_ROWS[key] = idle
+    if idle is not None:
         slab_o[:, idle] = 0
         slab_l[:, idle] = float("-inf")
     return slab_o, slab_l

@@ -149,7 +149,7 @@ def plan_tiles(
     return blocks
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: jobs key caches
 class Job:
     """Segments of several query blocks that one fused call computes side by side.
 
