@@ -341,6 +341,19 @@ void run_unit(const Job &j, int64_t item, int c, const Buffers &w) {
           j.r - c < CHUNK ? j.r - c : CHUNK, nk, j.D, j.Dv, j.scale, w);
 }
 
+// This thread's work buffer of at least `floats` floats (kept between calls: the pool's
+// threads live on, and a fresh buffer per call cost page faults), or null.
+float *thread_buffer(size_t floats) {
+    static thread_local float *buf = nullptr;
+    static thread_local size_t have = 0;
+    if (floats > have) {
+        std::free(buf);
+        buf = static_cast<float *>(std::aligned_alloc(64, (floats * 4 + 63) / 64 * 64));
+        have = buf ? floats : 0;
+    }
+    return buf;
+}
+
 }  // namespace
 
 extern "C" {
@@ -369,7 +382,7 @@ int qkv_native_forward(const float *q, const float *k, const float *v, const flo
     int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
     {
-        float *buf = static_cast<float *>(std::aligned_alloc(64, (floats * 4 + 63) / 64 * 64));
+        float *buf = thread_buffer(floats);
         if (buf) std::memset(buf, 0, floats * 4);  // padded query columns stay finite
         float *at = buf;
         auto take = [&at](int64_t n) { float *p = at; at += n * CHUNK; return p; };
@@ -386,7 +399,6 @@ int qkv_native_forward(const float *q, const float *k, const float *v, const flo
                 if (buf) run_unit(job, unit / per_item, (int)(unit % per_item) * CHUNK, w);
         }
         _mm_sfence();  // the output's streaming stores are visible before anyone reads it
-        std::free(buf);
     }
     return failed;
 }

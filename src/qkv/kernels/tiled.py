@@ -348,7 +348,6 @@ class _Tiled(torch.autograd.Function):
             x = _Inputs(q, k, v, p)
             out, lse = _forward(x, p, bias, plan, seed, engine)
         out = out[..., : p.Dv].to(q.dtype)  # (B, Hq, Tq, Dv)
-        lse = lse.contiguous()
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.p, ctx.plan, ctx.jobs, ctx.seed, ctx.engine = p, plan, jobs, seed, engine
         ctx.keys = keys
