@@ -341,17 +341,21 @@ void run_unit(const Job &j, int64_t item, int c, const Buffers &w) {
           j.r - c < CHUNK ? j.r - c : CHUNK, nk, j.D, j.Dv, j.scale, w);
 }
 
-// This thread's work buffer of at least `floats` floats (kept between calls: the pool's
-// threads live on, and a fresh buffer per call cost page faults), or null.
+// This thread's work buffer of at least `floats` floats, or null. Kept between calls (the
+// pool's threads live on; a fresh buffer per call cost page faults), freed at thread exit.
 float *thread_buffer(size_t floats) {
-    static thread_local float *buf = nullptr;
-    static thread_local size_t have = 0;
-    if (floats > have) {
-        std::free(buf);
-        buf = static_cast<float *>(std::aligned_alloc(64, (floats * 4 + 63) / 64 * 64));
-        have = buf ? floats : 0;
+    struct Buffer {
+        float *data = nullptr;
+        size_t size = 0;
+        ~Buffer() { std::free(data); }
+    };
+    static thread_local Buffer buffer;
+    if (floats > buffer.size) {
+        std::free(buffer.data);
+        buffer.data = static_cast<float *>(std::aligned_alloc(64, (floats * 4 + 63) / 64 * 64));
+        buffer.size = buffer.data ? floats : 0;
     }
-    return buf;
+    return buffer.data;
 }
 
 }  // namespace
