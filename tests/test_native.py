@@ -1,9 +1,9 @@
 """The native kernel (native.cpp) equals the float64 truth, and falls back cleanly.
 
 Its own problems (dense and causal float32 forwards) are compared with the NumPy truth
-across the sizes where its blocking changes: 64-row chunks, 16-query vectors, 128-key
-slices of the online softmax, head widths that are not a multiple of anything. As the
-tiled kernel's engine for float32 jobs it is compared with torch's fused kernel on the
+across the sizes where its blocking changes: 64-row chunks, 16-query vectors, key
+slices of the online softmax (≤ 512), head widths that are not a multiple of anything.
+As the tiled kernel's engine for float32 jobs it is compared with torch's fused kernel on the
 same plans. Where it cannot be built (no AVX-512, no compiler) those tests skip, and the
 fallback tests still run.
 """
@@ -266,3 +266,109 @@ def test_build_is_cached_and_written_whole(tmp_path):
     assert second.returncode == 0, second.stderr
     assert list((tmp_path / "cache").iterdir()) == built  # reused, not rebuilt
     assert built[0].stat().st_mtime_ns == stamp
+
+
+@needs_native
+def test_torch_defaults_do_not_reach_the_kernel():
+    """The kernel writes CPU float32 whatever torch's default dtype or device."""
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 2, 100, 100, 16, 16), torch.float32))
+    truth = qkv.attention(q.double(), k.double(), v.double(), causal=True, kernel="reference")
+    for setting in ("dtype", "device"):
+        try:
+            if setting == "dtype":
+                torch.set_default_dtype(torch.float64)
+            else:
+                torch.set_default_device("meta")
+            out = qkv.attention(q, k, v, causal=True)
+        finally:
+            torch.set_default_dtype(torch.float32)
+            torch.set_default_device(None)
+        assert out.device.type == "cpu"
+        torch.testing.assert_close(out.double(), truth, rtol=0, atol=2e-5)
+
+
+@needs_native
+def test_nan_in_a_future_key_stays_out_of_earlier_rows():
+    """Masked keys are selected out, not added to: NaN + (-inf) would be NaN."""
+    q, k, v = (t.detach() for t in make_qkv((1, 1, 1, 128, 128, 16, 16), torch.float32))
+    k[0, 0, 70, 3] = float("nan")
+    out = qkv.attention(q, k, v, causal=True)
+    assert qkv.explain(q, k, v, causal=True).name == "native"
+    bad = torch.isnan(out[0, 0]).any(-1)
+    assert bad[70:].all() and not bad[:70].any()
+
+
+def test_plans_are_cached_only_for_masks_their_key_identifies():
+    """A mask that holds no tensor but whose tile key leaves out a parameter (as padding's
+    does) must not be served another instance's plan."""
+    from qkv.masks import Mask
+
+    class KeyPrefix(Mask):  # keys j < n are visible; tile_key leaves n out, like Padding
+        def __init__(self, n):
+            self.n = n
+
+        def submask(self, Tq, Tk, q0, q1, k0, k1, device=None):
+            j = torch.arange(k0, k1, device=device)
+            return (j < self.n).expand(q1 - q0, k1 - k0)[None, None]
+
+        def block_kinds(self, Tq, Tk, block_q, block_k, device=None):
+            starts = torch.arange(0, Tk, block_k, device=device)
+            ends = torch.clamp(starts + block_k, max=Tk)
+            kind = torch.where(ends <= self.n, 2, torch.where(starts >= self.n, 0, 1))
+            return kind.expand(-(-Tq // block_q), -1)[None, None]
+
+        def tile_key(self, Tq, Tk, q0, q1, k0, k1):
+            return ("key-prefix", q1 - q0, k0, k1)
+
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 2, 600, 600, 16, 16), torch.float32))
+    for n in (100, 500):
+        got = qkv.attention(q, k, v, mask=KeyPrefix(n), kernel="tiled")
+        want = qkv.attention(q, k, v, mask=KeyPrefix(n), kernel="reference")
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_plan_cache_is_safe_across_threads(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(tiled, "_PLAN_CACHE_SIZE", 1)  # evictions all the time
+    q, k, v = (t.detach() for t in make_qkv((1, 1, 1, 300, 300, 8, 8), torch.float32))
+
+    def call(i):
+        return qkv.attention(q, k, v, mask=masks.window(10 + i % 5), kernel="tiled")
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(call, range(40)))
+    for i, out in enumerate(outs[:5]):
+        torch.testing.assert_close(out, call(i), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_function_transforms_and_tracing_go_to_torchs_kernels():
+    """vmap's wrapped tensors, forward-mode duals and torch.compile's tracing are not
+    plain memory: native code is never handed them."""
+    import torch.autograd.forward_ad as fwad
+
+    q, k, v = (t.detach() for t in make_qkv((2, 2, 2, 64, 64, 16, 16), torch.float32))
+    stacked_q = torch.stack([q, 0.5 * q])  # vmap over a leading dimension
+    batched = torch.func.vmap(lambda x: qkv.attention(x, k, v))(stacked_q)
+    for i in range(2):
+        want = qkv.attention(stacked_q[i], k, v)
+        torch.testing.assert_close(batched[i], want, rtol=1e-5, atol=1e-5)
+    with fwad.dual_level():
+        dual = fwad.make_dual(q, torch.ones_like(q))
+        p = build_problem(dual, k, v)
+        assert not p.direct and native.unsupported(p) is not None
+    traced = torch.compile(lambda a, b, c: qkv.attention(a, b, c), backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(q, k, v), qkv.attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_that_raises_falls_back(monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native, "_cache_dir", no_home)
+    monkeypatch.setenv("QKV_NATIVE", "1")
+    fn, why = native._build()
+    assert fn is None
+    if WHY is None:  # where a build can start, it must fail softly with the reason
+        assert "home directory" in why

@@ -39,6 +39,21 @@ class AttentionOutput:
 _CPU = torch.device("cpu")
 
 
+def plain_tensors(*tensors) -> bool:
+    """Whether native code may read these tensors' memory directly: ordinary tensors (no
+    subclass, no functorch wrapper such as vmap's, no forward-mode tangent), outside
+    torch.compile's tracing. Anything else goes through torch's own operators."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    for t in tensors:
+        if type(t) is not torch.Tensor or (wrapped is not None and wrapped(t)):
+            return False
+        if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Problem:
     """A validated attention call, the same for every kernel.
@@ -65,7 +80,8 @@ class Problem:
     need_lse: bool
     dtype: torch.dtype = torch.float32  # of q (k and v share it)
     device: torch.device = _CPU
-    needs_grad: bool = False  # autograd will want gradients of q, k, v or the bias
+    needs_grad: bool = True  # autograd will want gradients of q, k, v or the bias
+    direct: bool = False  # native code may read q, k, v's memory (see plain_tensors)
 
     @property
     def group(self) -> int:

@@ -11,7 +11,7 @@ import numbers
 import torch
 
 from . import masks
-from ._types import Problem
+from ._types import Problem, plain_tensors
 
 __all__ = ["build_problem"]
 
@@ -174,4 +174,5 @@ def build_problem(
         device=q.device,
         needs_grad=torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (q, k, v, bias)),
+        direct=plain_tensors(q, k, v),
     )

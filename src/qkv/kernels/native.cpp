@@ -6,7 +6,7 @@
 // torch's fused CPU kernel runs at about 70% of the machine's matrix-multiply speed on
 // long spans and about half of it on the ~288-key spans of a sliding window's sub-blocks.
 // Here a block of up to CHUNK = 64 queries is computed transposed, every vector running
-// across queries, over slices of KEYS = 128 keys merged by the online softmax:
+// across queries, over even slices of at most KEYS = 512 keys merged by the online softmax:
 //
 //   Sᵀ[j][·] = scale · Σ_d K[j][d] · Qᵀ[d][·]        (keys × queries, + mask)
 //   m' = max(m, max_j Sᵀ[j][·]),  Pᵀ = exp(Sᵀ − m'),  α = exp(m − m')
@@ -14,7 +14,7 @@
 //   out[i][e] = Oᵀ[e][i] / l[i],  lse[i] = m[i] + log l[i]
 //
 // so the max, the exponentials and the sums are element-wise vector operations (no
-// reduction across lanes), a slice's scores stay in L1, and both products are one
+// reduction across lanes), a slice's scores stay near the core, and both products are one
 // register-blocked kernel (`product`): a few scalars of A broadcast against up to four
 // vectors of Y, all accumulators in registers (measured alone: ~160 GFLOP/s on one core,
 // above the library GEMM's 147). Rows that see no key get out 0 and lse −inf; NaN
@@ -65,8 +65,9 @@ inline vf vexp(vf x) {
 // C[a][0:NV·V] = Σ_{b < nb} A[a·sa + b·sb] · Y[b·ys + 0:NV·V]  for a < AB: AB scalars
 // of A broadcast against NV vectors of Y per step, AB·NV accumulators in registers.
 // SCORES: C holds scores (rows = keys): scale them (after the product, as torch's fused
-// kernel does, so that its backward recomputes the same scores), add the mask rows M (if
-// any) and raise the column max mx before storing. Otherwise the product is added to C.
+// kernel does, so that its backward recomputes the same scores), set −inf where the mask
+// rows M (if any, 0 / −inf) forbid, and raise the column max mx before storing.
+// Otherwise the product is added to C.
 template <int AB, int NV, bool SCORES>
 inline void product(const float *A, int64_t sa, int64_t sb, const float *Y, int64_t ys, int nb,
                     float *C, int64_t cs, float scale, const float *M, int64_t ms, float *mx) {
@@ -96,7 +97,8 @@ inline void product(const float *A, int64_t sa, int64_t sb, const float *Y, int6
             vf c = acc[a][u];
             if constexpr (SCORES) {
                 c *= splat(scale);
-                if (M) c += load(M + a * ms + u * V);
+                if (M)  // a select, not an add: NaN or inf in a masked key stays out
+                    c = load(M + a * ms + u * V) < splat(0.0f) ? splat(-INFINITY) : c;
                 m = c > m ? c : m;
             }
             store(C + a * cs + u * V, c);

@@ -5,16 +5,18 @@ n blocks of r query rows.
 
 torch's fused CPU kernel reaches about 70% of the machine's matrix-multiply speed on
 long spans and about half of it on the short key spans of a sliding window's sub-blocks.
-native.cpp computes blocks of 32 queries transposed, vectors across the queries, so the
-softmax needs no reduction across lanes and both products are one register-blocked
-kernel (see its header); measured on a 2-core AVX-512 machine it runs the dense
-N=2048 forward ~10% faster than torch's and the window sub-blocks ~20% faster
-(`qkv bench`, benchmarks/tile_sizes.py).
+native.cpp computes blocks of up to 64 queries transposed, vectors across the queries,
+so the softmax needs no reduction across lanes and both products are one register-
+blocked kernel (see its header); measured on a 2-core AVX-512 machine it runs the dense
+N=2048 forward ~10% faster than torch's, causal ~20%, and a 256-key window's sub-blocks
+~25% faster (`qkv bench`, benchmarks/tile_sizes.py).
 
 It serves two callers:
-- this module's `run`, the "native" entry of the dispatch: float32 CPU forwards without
-  a mask or with plain causal masking (Tq ≤ Tk), when no gradient is needed (torch's
-  fused forward and backward run those) and neither weights, bias nor dropout are asked;
+- this module's `run`, the "native" entry of the dispatch: float32 CPU forwards of at
+  least 32 queries without a mask or with plain causal masking (Tq ≤ Tk), when no
+  gradient is needed (torch's fused forward and backward run those), neither weights,
+  bias nor dropout are asked, and the tensors are plain (no vmap, forward-mode AD,
+  torch.compile tracing or subclass: `_types.plain_tensors`);
 - the tiled kernel (stacked.py), for the float32 jobs of its plans.
 
 The library is C++ with GCC vector extensions and AVX-512 intrinsics, compiled here with
@@ -29,6 +31,7 @@ torch's kernel alone. tests/test_native.py compares it with the NumPy float64 tr
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -108,7 +111,14 @@ def _compile(cxx: str, target: Path) -> str | None:
 
 
 def _build() -> tuple[object | None, str | None]:
-    """(the loaded forward function, None) or (None, why there is none)."""
+    """(the loaded forward function, None) or (None, why there is none); never raises."""
+    try:
+        return _try_build()
+    except Exception as err:  # an accelerator, never a requirement: fall back, say why
+        return None, f"building the native kernel failed: {type(err).__name__}: {err}"
+
+
+def _try_build() -> tuple[object | None, str | None]:
     if os.environ.get("QKV_NATIVE", "1") == "0":
         return None, "disabled by QKV_NATIVE=0"
     if platform.system() != "Linux" or platform.machine() != "x86_64":
@@ -150,10 +160,11 @@ def _build() -> tuple[object | None, str | None]:
 
 
 def _function():
-    with _lock:
-        if not _state:
-            fn, why = _build()
-            _state.update(fn=fn, why=why)
+    if not _state:  # built (or refused) once per process; read without the lock after
+        with _lock:
+            if not _state:
+                fn, why = _build()
+                _state.update(fn=fn, why=why)
     return _state["fn"]
 
 
@@ -239,6 +250,8 @@ def unsupported(p: Problem) -> str | None:
         return "no keys"
     if p.Tq < MIN_ROWS:
         return f"fewer than {MIN_ROWS} queries (decoding): torch's kernel is faster there"
+    if not p.direct:
+        return "inside vmap, forward-mode AD or torch.compile, or a tensor subclass"
     if p.dtype != torch.float32:
         return "float32 only"
     if p.device.type != "cpu":
@@ -253,20 +266,23 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# The causal diagonal tile of a block of r rows, transposed: key u of the tail (rows of
-# the tile) is visible to query t (columns) when u ≤ t.
+@functools.lru_cache(maxsize=8)
 def _diagonal(r: int) -> torch.Tensor:
+    """The causal diagonal tile of a block of r rows, transposed, as the kernel reads it:
+    key u of the tail (rows) is visible to query t (columns) when u ≤ t."""
     rp = -(-r // 16) * 16
-    u = torch.arange(r)[:, None]
-    t = torch.arange(rp)[None, :]
-    tile = torch.where(u <= t, 0.0, float("-inf"))  # (r, rp)
-    return tile.reshape(1, 1, 1, r, rp).contiguous()
+    u = torch.arange(r, device="cpu")[:, None]
+    t = torch.arange(rp, device="cpu")[None, :]
+    tile = torch.zeros(r, rp, dtype=torch.float32, device="cpu")
+    tile.masked_fill_(u > t, float("-inf"))
+    return tile.reshape(1, 1, 1, r, rp)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> AttentionOutput:
     q, k, v = (_unit_stride(t) for t in (q, k, v))
-    out = torch.empty(p.B, p.Tq, p.Hq, p.Dv, dtype=torch.float32)
-    lse = torch.empty(p.B, p.Tq, p.Hq, dtype=torch.float32)
+    # explicit dtype and device: the kernel writes CPU float32, whatever torch's defaults
+    out = torch.empty(p.B, p.Tq, p.Hq, p.Dv, dtype=torch.float32, device="cpu")
+    lse = torch.empty(p.B, p.Tq, p.Hq, dtype=torch.float32, device="cpu")
     causal = p.mask is not None
     off = p.Tk - p.Tq  # bottom-right: query t sees keys up to t + off
     full, rest = divmod(p.Tq, ROWS)

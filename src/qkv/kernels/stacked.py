@@ -22,6 +22,7 @@ import weakref
 
 import torch
 
+from .._types import plain_tensors
 from . import native
 from .fused import POISON_BELOW_KEYS, poison
 from .tiles import Job
@@ -125,6 +126,7 @@ def _native(x, job: Job, dtype) -> bool:
         and x.q.device.type == "cpu"
         and job.keys > 0
         and job.rows >= native.MIN_ROWS
+        and plain_tensors(x.q, x.k, x.v)
         and native.unavailable() is None
         and _native_job(job)[0] is not None  # evenly spaced blocks
     )
@@ -139,14 +141,15 @@ def _native_job(job: Job):
     """(steps, additive mask transposed (Bm, n|1, Hm, k, rp) float32 or None) of a job."""
     got = _NATIVE_JOBS.get(job)
     if got is None:
-        mask_t = None
-        allowed = _allowed(job)  # (Bm, n|1, Hm, r, k) or None
+        steps, mask_t = _steps(job), None
+        allowed = _allowed(job) if steps is not None else None  # (Bm, n|1, Hm, r, k)
         if allowed is not None:
             rp = -(-job.rows // 16) * 16
-            mask_t = torch.zeros(*allowed.shape[:3], job.keys, rp, dtype=torch.float32)
+            shape = (*allowed.shape[:3], job.keys, rp)
+            mask_t = torch.zeros(shape, dtype=torch.float32, device="cpu")
             inside = mask_t[..., : job.rows]
             inside.masked_fill_(~allowed.transpose(-1, -2).cpu(), float("-inf"))
-        got = _NATIVE_JOBS[job] = (_steps(job), mask_t)
+        got = _NATIVE_JOBS[job] = (steps, mask_t)
     return got
 
 
@@ -186,7 +189,7 @@ def _slabs(jobs: list[Job], ordinal: int, shape, dtype, device):
     key = jobs[0]  # the first job of the ordinal stands for its jobs (all cached together)
     idle = _IDLE_ROWS.get(key, False)
     if idle is False:
-        covered = torch.zeros(T, dtype=torch.bool)
+        covered = torch.zeros(T, dtype=torch.bool, device="cpu")
         for job in jobs:
             if job.ordinal != ordinal:
                 break

@@ -29,11 +29,14 @@ Two tile engines:
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
 
 from .._types import AttentionOutput, Problem
+from ..masks._base import And, Not, Or
+from ..masks._kinds import Band
 from . import stacked, tiles
 from .fused import POISON_BELOW_KEYS, poison
 from .tiles import (
@@ -275,6 +278,7 @@ def _accumulate_bias(grads, bias, dbias, blk, seg):
 # window (tile kinds, segments, jobs, sub-blocks) took ~5 ms of a ~35 ms forward.
 _PLAN_CACHE: OrderedDict = OrderedDict()
 _PLAN_CACHE_SIZE = 32
+_PLAN_LOCK = threading.Lock()
 
 
 def _cached(key, build):
@@ -282,24 +286,32 @@ def _cached(key, build):
     tunables are part of every key, so a replaced planner never reads another's plans."""
     if key is None:
         return build()
-    key = (
-        key,
-        plan_tiles,
-        group_jobs,
-        compact_keys,
-        refine_jobs,
-        tiles._MAX_MASKED_FULL,
-        tiles.SPAN_MULTIPLE,
-        tiles._REFINE_SAVING,
-    )
-    hit = _PLAN_CACHE.get(key)
-    if hit is None:
-        hit = _PLAN_CACHE[key] = build()
+    key = (key, plan_tiles, group_jobs, compact_keys, refine_jobs, tiles._MAX_MASKED_FULL,
+           tiles.SPAN_MULTIPLE, tiles._REFINE_SAVING, tiles._JOB_TOKENS)  # fmt: skip
+    with _PLAN_LOCK:
+        hit = _PLAN_CACHE.get(key)
+        if hit is not None:
+            _PLAN_CACHE.move_to_end(key)
+            return hit
+    hit = build()  # outside the lock: two threads may both build; both plans are right
+    with _PLAN_LOCK:
+        _PLAN_CACHE[key] = hit
         while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
             _PLAN_CACHE.popitem(last=False)
-    else:
-        _PLAN_CACHE.move_to_end(key)
     return hit
+
+
+def _identified(mask) -> bool:
+    """Whether `tile_key` over the whole problem identifies the mask itself: windows,
+    causal, and their combinations. Other masks' keys only compare tiles of one mask
+    (padding's leaves out the lengths), so their plans are not cached."""
+    if isinstance(mask, Band):
+        return True
+    if isinstance(mask, Not):
+        return _identified(mask.inner)
+    if isinstance(mask, (And, Or)):
+        return all(_identified(part) for part in mask.parts)
+    return False
 
 
 def _pattern(p: Problem, device) -> tuple | None:
@@ -307,7 +319,7 @@ def _pattern(p: Problem, device) -> tuple | None:
     mask = p.mask
     if mask is None:
         return ("dense", p.Tq, p.Tk, str(device))
-    if mask.device is not None:  # holds tensors (padding lengths, document ids, a matrix)
+    if not _identified(mask):
         return None
     pattern = mask.tile_key(p.Tq, p.Tk, 0, p.Tq, 0, p.Tk)
     return None if pattern is None else (pattern, p.Tq, p.Tk, str(device))
