@@ -372,15 +372,3 @@ def test_a_build_that_raises_falls_back(monkeypatch):
     assert fn is None
     if WHY is None:  # where a build can start, it must fail softly with the reason
         assert "home directory" in why
-
-
-def test_huge_page_hint_is_harmless():
-    """The hint returns the same tensor, leaves its values alone, and is a no-op for small
-    tensors and other devices."""
-    big = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB: its aligned middle is hinted
-    assert native.prefer_huge_pages(big) is big
-    assert torch.equal(big, torch.arange(3 << 20, dtype=torch.float32))
-    small = torch.ones(10)
-    assert native.prefer_huge_pages(small) is small
-    meta = torch.empty(4 << 20, device="meta")
-    assert native.prefer_huge_pages(meta) is meta

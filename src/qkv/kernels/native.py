@@ -45,7 +45,7 @@ import torch
 
 from .._types import AttentionOutput, Problem
 
-__all__ = ["MIN_ROWS", "ROWS", "forward", "prefer_huge_pages", "run", "unavailable", "unsupported"]
+__all__ = ["MIN_ROWS", "ROWS", "forward", "run", "unavailable", "unsupported"]
 
 _SOURCE = Path(__file__).with_name("native.cpp")
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
@@ -236,40 +236,6 @@ def forward(
         raise MemoryError("the native kernel could not allocate its per-thread buffers")
 
 
-# Outputs of at least this many bytes ask the kernel for 2 MiB pages.
-_HUGE_BYTES = 8 << 20
-_MADV_HUGEPAGE = 14
-_libc = None
-
-
-def prefer_huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """Ask Linux to back the 2 MiB-aligned part of a large fresh CPU tensor with huge
-    pages (madvise MADV_HUGEPAGE, where transparent huge pages are in "madvise" mode);
-    returns t. A no-op elsewhere, and a hint only: failures are ignored.
-
-    A 16 MiB output first written by the kernel took ~7,500 page faults, +8 ms on a
-    256-key window over 16,384 tokens (23 ms), whenever its memory had been handed back
-    in between (measured right after other large calls); with the hint, ~600 faults and
-    no slowdown.
-    """
-    global _libc
-    nbytes = t.numel() * t.element_size()
-    if nbytes < _HUGE_BYTES or t.device.type != "cpu" or platform.system() != "Linux":
-        return t
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        page = 2 << 20
-        start = -(-t.data_ptr() // page) * page
-        end = (t.data_ptr() + nbytes) // page * page
-        if end > start:
-            _libc.madvise(start, end - start, _MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass
-    return t
-
-
 def unsupported(p: Problem) -> str | None:
     """Why the native kernel cannot run the problem, or None when it can."""
     if p.need_weights:
@@ -315,7 +281,7 @@ def _diagonal(r: int) -> torch.Tensor:
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> AttentionOutput:
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     # explicit dtype and device: the kernel writes CPU float32, whatever torch's defaults
-    out = prefer_huge_pages(torch.empty(p.B, p.Tq, p.Hq, p.Dv, dtype=torch.float32, device="cpu"))
+    out = torch.empty(p.B, p.Tq, p.Hq, p.Dv, dtype=torch.float32, device="cpu")
     lse = torch.empty(p.B, p.Tq, p.Hq, dtype=torch.float32, device="cpu")
     causal = p.mask is not None
     off = p.Tk - p.Tq  # bottom-right: query t sees keys up to t + off

@@ -184,7 +184,7 @@ def _slabs(jobs: list[Job], ordinal: int, shape, dtype, device):
     """Output (B, T, H, W) and lse (B, T, H) buffers for the jobs of one ordinal: rows no
     job writes hold 0 / -inf, the others are left for the jobs to fill (no zero pass)."""
     B, T, H, W = shape
-    slab_o = native.prefer_huge_pages(torch.empty(B, T, H, W, dtype=dtype, device=device))
+    slab_o = torch.empty(B, T, H, W, dtype=dtype, device=device)
     slab_l = torch.empty(B, T, H, dtype=dtype, device=device)
     key = jobs[0]  # the first job of the ordinal stands for its jobs (all cached together)
     idle = _IDLE_ROWS.get(key, False)
