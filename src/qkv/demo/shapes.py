@@ -126,22 +126,23 @@ def walk(
     return Walk(B, L, E, H, G, dtype, tuple(steps), params)
 
 
+def _human(n: float, base: int, units: tuple[str, ...]) -> str:
+    """n in the largest unit it reaches: whole in the first unit, one decimal after."""
+    for i, unit in enumerate(units):
+        if abs(n) < base or i == len(units) - 1:
+            return f"{n:.0f}{unit}" if i == 0 else f"{n:.1f}{unit}"
+        n /= base
+    raise AssertionError  # unreachable: the last unit always returns
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # unreachable
+    return _human(n, 1024, (" B", " KiB", " MiB", " GiB", " TiB", " PiB"))
 
 
 def human_count(n: float) -> str:
     """12_300_000 -> '12.3 M'."""
-    for unit in ("", " K", " M", " G", " T", " P"):
-        if abs(n) < 1000 or unit == " P":
-            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    raise AssertionError  # unreachable
+    return _human(n, 1000, ("", " K", " M", " G", " T", " P"))
 
 
 def _tuple(shape: tuple[int, ...]) -> str:

@@ -34,7 +34,6 @@ namespace {
 constexpr int V = 16;
 typedef float vf __attribute__((vector_size(64)));
 typedef float vfu __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64)));
 
 inline vf load(const float *p) { return *reinterpret_cast<const vfu *>(p); }
 inline void prefetch(const float *p) { _mm_prefetch(reinterpret_cast<const char *>(p), _MM_HINT_T1); }
@@ -363,8 +362,6 @@ float *thread_buffer(size_t floats) {
 }  // namespace
 
 extern "C" {
-
-int qkv_native_vector_width() { return V; }
 
 // Every item of the job (see Job) in units of CHUNK rows (a job may have fewer blocks
 // than threads), spread over `threads` threads of the OpenMP pool: in contiguous runs when

@@ -212,16 +212,13 @@ def forward(
     vo, v_row = _offsets(v, B, H, k0, (0, 2, 1), group)
     oo, o_row = _offsets(out, B, H, q0, (0, 1, 2))
     lo, l_row = _offsets(lse, B, H, q0, (0, 1, 2))
-    mo = (ctypes.c_int64 * (B * H))()
-    m_ptr, m_step = None, 0
-    if mask_t is not None:
+    m_ptr, m_step, m_offs = None, 0, [0] * (B * H)
+    if mask_t is not None:  # (Bm, n|1, Hm, ...): batch and head broadcast when 1
         Bm, nm, Hm = mask_t.shape[:3]
+        sb, sh = mask_t.stride(0), mask_t.stride(2)
         m_ptr, m_step = mask_t.data_ptr(), (mask_t.stride(1) if nm > 1 else 0)
-        for b in range(B):
-            for h in range(H):
-                mo[b * H + h] = min(b, Bm - 1) * mask_t.stride(0) + min(h, Hm - 1) * mask_t.stride(
-                    2
-                )
+        m_offs = [min(b, Bm - 1) * sb + min(h, Hm - 1) * sh for b in range(B) for h in range(H)]
+    mo = (ctypes.c_int64 * len(m_offs))(*m_offs)
     items = B * H * n
     work = items * rows * (keys + grow * n // 2) * (D + Dv)
     threads = torch.get_num_threads() if work >= _PARALLEL_WORK else 1
@@ -262,8 +259,9 @@ def unsupported(p: Problem) -> str | None:
     return None if why is None else f"not built here: {why}"
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is contiguous (all the kernels need), else a copy."""
+    return x if x.stride(-1) == 1 and x.shape[-1] > 0 else x.contiguous()
 
 
 @functools.lru_cache(maxsize=8)
@@ -279,7 +277,7 @@ def _diagonal(r: int) -> torch.Tensor:
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> AttentionOutput:
-    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    q, k, v = (unit_stride(t) for t in (q, k, v))
     # explicit dtype and device: the kernel writes CPU float32, whatever torch's defaults
     out = torch.empty(p.B, p.Tq, p.Hq, p.Dv, dtype=torch.float32, device="cpu")
     lse = torch.empty(p.B, p.Tq, p.Hq, dtype=torch.float32, device="cpu")

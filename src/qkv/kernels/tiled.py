@@ -39,6 +39,7 @@ from ..masks._base import And, Not, Or
 from ..masks._kinds import Band
 from . import stacked, tiles
 from .fused import POISON_BELOW_KEYS, poison
+from .native import unit_stride
 from .tiles import (
     BLOCK_K,
     BLOCK_Q,
@@ -119,11 +120,6 @@ def _token_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    """x itself when its last dim is contiguous (all the fused kernel needs), else a copy."""
-    return x if x.stride(-1) == 1 and x.shape[-1] > 0 else x.contiguous()
-
-
 class _Inputs:
     """q, k, v prepared for the fused kernel: kv heads expanded, one head dim, float16 as
     float32.
@@ -155,7 +151,7 @@ class _Inputs:
             v = torch.nn.functional.pad(v, (0, width - p.Dv))
         if token_major:
             q, k, v = (_token_major(t).transpose(1, 2) for t in (q, k, v))
-        self.q, self.k, self.v = (_unit_stride(t) for t in (q, k, v))  # (B, H, T, W)
+        self.q, self.k, self.v = (unit_stride(t) for t in (q, k, v))  # (B, H, T, W)
         self.width = width
 
 
@@ -389,7 +385,7 @@ class _Tiled(torch.autograd.Function):
             # rows that see nothing: lse +inf makes the recomputed weights exp(S − lse) 0
             lse_safe = torch.where(torch.isneginf(lse), float("inf"), lse)
             tm = {name: g.transpose(1, 2) for name, g in grads.items()}  # (B, T, H, W)
-            dout, out = _unit_stride(dout), _unit_stride(out)
+            dout, out = unit_stride(dout), unit_stride(out)
             stacked.backward(x, ctx.jobs, p.scale, dout, out, lse_safe, tm)
         else:
             if bias_grad:
