@@ -59,6 +59,10 @@ def _build_parser() -> OneLineParser:
     )  # fmt: skip
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="default: runs/demo")
     demo.add_argument("--quick", action="store_true", help="a seconds-long run (tiny model)")
+    demo.add_argument(
+        "--arch", choices=("transformer", "rnn"), default=None,
+        help="default transformer; rnn: the GRU encoder-decoder with additive attention",
+    )  # fmt: skip
     demo.add_argument("--seed", type=_non_negative, default=None, metavar="N", help="default 0")
     demo.add_argument("--steps", type=_positive, default=None, metavar="N", help="default 800")
     demo.add_argument(
@@ -116,7 +120,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import QUICK, CheckpointError, DemoConfig, TrainingInterrupted, run_demo
 
     config = QUICK if args.quick else DemoConfig()
-    overrides = {k: getattr(args, k) for k in ("seed", "steps", "threads")}
+    overrides = {k: getattr(args, k) for k in ("seed", "steps", "threads", "arch")}
     if args.deterministic and args.threads is None:
         overrides["threads"] = 1  # a fixed count: the ThreadChooser's switches reorder sums
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})

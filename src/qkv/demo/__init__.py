@@ -3,12 +3,14 @@
     from qkv.demo import run_demo
     metrics = run_demo("runs/demo")        # trains, evaluates, writes checkpoint and heatmaps
     run_demo("runs/demo", resume=True)     # continues from runs/demo/train_state.pt
+    run_demo("runs/rnn", config=DemoConfig(arch="rnn"))  # the GRU + additive attention model
 
 The same call runs data-parallel under `torchrun --nproc-per-node N -m qkv demo` (see
 docs/training.md). Modules: `dates` (the task: written forms, split by date, vocabularies),
 `train` (length buckets, resumable batch stream, schedule, training loop, KV-cache
-evaluation), `checkpoint` (atomic save, checked load, training state), `heatmaps` (PNG
-attention maps and index.html), `shapes` (the `qkv shapes` walk). tqdm and matplotlib are
+evaluation), `rnn` (the GRU encoder-decoder with additive attention that the Transformer
+replaced, `--arch rnn`), `checkpoint` (atomic save, checked load, training state), `heatmaps`
+(PNG attention maps and index.html), `shapes` (the `qkv shapes` walk). tqdm and matplotlib are
 imported only when training and plotting.
 """
 
@@ -189,14 +191,19 @@ def _run(out: Path, config: DemoConfig, quick: bool, progress: bool, echo, resum
                 "final_loss": result.final_loss}  # fmt: skip
     model = result.model
     params = sum(p.numel() for p in model.parameters())
-    say(f"trained {params:,} parameters in {result.seconds:.1f} s ({result.steps:,} steps)")
+    kind = "GRU encoder-decoder" if config.arch == "rnn" else "Transformer"
+    say(
+        f"trained a {kind} of {params:,} parameters in {result.seconds:.1f} s "
+        f"({result.steps:,} steps)"
+    )
 
     ev = evaluate(model, heldout, src, tgt)
     say(
         f"exact match on {ev.total:,} held-out examples: {ev.exact_match:.2%} "
-        f"({ev.correct:,}/{ev.total:,}, greedy decoding with a KV cache, {ev.seconds:.1f} s)"
+        f"({ev.correct:,}/{ev.total:,}, greedy decoding, {ev.seconds:.1f} s)"
     )
     summary = {
+        "arch": config.arch,
         "exact_match": ev.exact_match,
         "train_seconds": result.seconds,
         "parameters": params,
@@ -250,7 +257,8 @@ def _run(out: Path, config: DemoConfig, quick: bool, progress: bool, echo, resum
         say(f"\n{len(wrong)} held-out mistakes, for example:")
         for e, p in wrong[:MISTAKES]:
             say(f"  {e.source}  ->  {p}  (expected {e.target}, form {e.form})")
-    say(f"\nwrote {out / 'metrics.json'}, {checkpoint}, {len(figures) * 2} heatmaps, {index}")
+    pngs = sum(1 + bool(f["decoder_self"]) for f in figures)
+    say(f"\nwrote {out / 'metrics.json'}, {checkpoint}, {pngs} heatmaps, {index}")
     say(f"try: qkv translate '21 November 2026' --checkpoint {checkpoint}")
     ddp.barrier()  # the other ranks wait here until everything is written
     return metrics

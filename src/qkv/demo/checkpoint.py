@@ -3,8 +3,8 @@
 A checkpoint is `torch.save` of one dict (`torch.load(weights_only=True)` reads it back, so
 loading never runs pickled code):
 
-    {"format": "qkv.demo.dates", "version": 1,
-     "model_config": {...TransformerConfig fields...},
+    {"format": "qkv.demo.dates", "version": 1, "arch": "transformer" or "rnn",
+     "model_config": {...TransformerConfig or RNNConfig fields...},
      "src_vocab": [characters], "tgt_vocab": [characters],
      "state_dict": {name: tensor}, "meta": {...anything JSON-like...}}
 
@@ -13,7 +13,9 @@ N steps, at the end and on Ctrl-C) is the same dict with format "qkv.demo.train_
 what training needs on top: "step" (optimiser steps done), "demo_config" (DemoConfig
 fields), "optimizer" (its state_dict), "data" (the batch stream's position), "rng" (torch's
 global generator) and "progress" (losses so far, examples seen, seconds). `load_checkpoint`
-reads either file, so `qkv translate` can use a run's latest training state.
+reads either file, so `qkv translate` can use a run's latest training state. "arch" says
+which model the weights belong to (`qkv.nn.Transformer`, or `qkv.demo.rnn`'s GRU
+encoder-decoder); a file without it holds a Transformer.
 
 Atomic write: the bytes go to a temporary file in the same directory, are flushed to disk,
 and only then `os.replace` puts the file in place (a rename, atomic on POSIX and Windows).
@@ -35,6 +37,7 @@ import torch
 
 from ..nn import Transformer, TransformerConfig
 from .dates import Vocab
+from .rnn import RNNConfig, RNNEncoderDecoder
 
 __all__ = [
     "FORMAT",
@@ -53,6 +56,9 @@ __all__ = [
 FORMAT = "qkv.demo.dates"
 TRAIN_STATE_FORMAT = "qkv.demo.train_state"
 VERSION = 1  # of both formats
+# arch -> (model class, its config class)
+_ARCHS = {"transformer": (Transformer, TransformerConfig), "rnn": (RNNEncoderDecoder, RNNConfig)}
+Model = Transformer | RNNEncoderDecoder
 
 
 class CheckpointError(ValueError):
@@ -63,7 +69,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """A loaded checkpoint: the model (in eval mode), its vocabularies, and metadata."""
 
-    model: Transformer
+    model: Model  # a Transformer or an RNNEncoderDecoder: the same decoding interface
     src_vocab: Vocab
     tgt_vocab: Vocab
     meta: dict
@@ -75,7 +81,7 @@ class TrainState:
 
     step: int  # optimiser steps done
     demo_config: dict  # DemoConfig fields of the run
-    model: Transformer  # the weights after `step` steps (train mode)
+    model: Model  # the weights after `step` steps (train mode)
     src_vocab: Vocab
     tgt_vocab: Vocab
     optimizer: dict  # torch.optim.Optimizer.state_dict()
@@ -121,7 +127,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 
 def save_checkpoint(
     path: str | os.PathLike,
-    model: Transformer,
+    model: Model,
     src_vocab: Vocab,
     tgt_vocab: Vocab,
     *,
@@ -147,12 +153,17 @@ def save_train_state(path: str | os.PathLike, state: TrainState) -> Path:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def _model_payload(fmt: str, model: Transformer, src_vocab, tgt_vocab, meta) -> dict:
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a qkv.nn.Transformer; got {type(model).__name__}")
+def _model_payload(fmt: str, model: Model, src_vocab, tgt_vocab, meta) -> dict:
+    arch = next((a for a, (cls, _) in _ARCHS.items() if type(model) is cls), None)
+    if arch is None:
+        raise TypeError(
+            f"model must be a qkv.nn.Transformer or a qkv.demo.rnn.RNNEncoderDecoder; got "
+            f"{type(model).__name__}"
+        )
     return {
         "format": fmt,
         "version": VERSION,
+        "arch": arch,
         "model_config": asdict(model.config),
         "src_vocab": src_vocab.to_list(),
         "tgt_vocab": tgt_vocab.to_list(),
@@ -178,7 +189,7 @@ def _read(path: Path) -> Any:
         ) from e
 
 
-def _check_state(model: Transformer, state: Any, path: Path) -> dict:
+def _check_state(model: Model, state: Any, path: Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: state_dict must map names to tensors")
     expected = model.state_dict()
@@ -215,11 +226,17 @@ def _check_header(path: Path, data: Any, formats: tuple[str, ...], what: str) ->
     return data
 
 
-def _load_model(path: Path, data: dict) -> tuple[Transformer, Vocab, Vocab]:
+def _load_model(path: Path, data: dict) -> tuple[Model, Vocab, Vocab]:
+    arch = data.get("arch", "transformer")
+    if not isinstance(arch, str) or arch not in _ARCHS:
+        raise CheckpointError(
+            f"{path} holds a model of arch {arch!r}; this qkv reads {sorted(_ARCHS)}"
+        )
+    model_class, config_class = _ARCHS[arch]
     try:
-        config_fields = {f.name for f in fields(TransformerConfig)}
+        config_fields = {f.name for f in fields(config_class)}
         raw = data["model_config"]
-        config = TransformerConfig(**{k: v for k, v in raw.items() if k in config_fields})
+        config = config_class(**{k: v for k, v in raw.items() if k in config_fields})
         src_vocab, tgt_vocab = Vocab(data["src_vocab"]), Vocab(data["tgt_vocab"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: damaged config or vocabulary: {e}") from e
@@ -228,7 +245,7 @@ def _load_model(path: Path, data: dict) -> tuple[Transformer, Vocab, Vocab]:
             f"{path}: vocabularies of {len(src_vocab)} and {len(tgt_vocab)} tokens do not "
             f"match the config's {config.src_vocab_size} and {config.tgt_vocab_size}"
         )
-    model = Transformer(config)
+    model = model_class(config)
     model.load_state_dict(_check_state(model, data.get("state_dict"), path))
     return model, src_vocab, tgt_vocab
 

@@ -9,6 +9,10 @@ module's call and a forward hook takes the weights off its result, so the model'
 exactly as in training and nothing of them is re-implemented here. Row t of a decoder map is
 the position that predicts output character t (the 11th row predicts <eos>).
 
+The GRU encoder-decoder (`qkv.demo.rnn`, `qkv demo --arch rnn`) has one attention, the
+additive attention its decoder computes before each step: its maps are one "layer" with one
+"head", (1, T, S), and it has no decoder self-attention.
+
 Chinese characters need a CJK font, which matplotlib often lacks: then their tick labels are
 transliterated ([yr], [7], ...) and index.html shows the original text beside the figure.
 """
@@ -26,6 +30,7 @@ import torch
 
 from ..nn import MultiHeadAttention, Transformer
 from .dates import Example, Vocab
+from .rnn import RNNEncoderDecoder
 
 __all__ = ["AttentionMaps", "collect_attention", "plot_attention", "write_heatmaps", "write_index"]
 
@@ -43,7 +48,7 @@ class AttentionMaps:
     decoder_in: list[str]  # T decoder inputs: <bos> and the output characters
     predicted: list[str]  # T: what each decoder position predicts (output chars, <eos>)
     cross: list[torch.Tensor]  # L tensors (H, T, S)
-    decoder_self: list[torch.Tensor]  # L tensors (H, T, T)
+    decoder_self: list[torch.Tensor]  # L tensors (H, T, T); none for the RNN
 
 
 def _capture(module: MultiHeadAttention, store: list[torch.Tensor]) -> list:
@@ -61,9 +66,17 @@ def _capture(module: MultiHeadAttention, store: list[torch.Tensor]) -> list:
     ]
 
 
+def _capture_decoder(model: Transformer, cross: list, dec_self: list) -> list:
+    handles = []
+    for layer in model.decoder.layers:
+        handles += _capture(layer.self_attn, dec_self)
+        handles += _capture(layer.cross_attn, cross)
+    return handles
+
+
 @torch.no_grad()
 def collect_attention(
-    model: Transformer, source: str, translation: str, src: Vocab, tgt: Vocab
+    model: Transformer | RNNEncoderDecoder, source: str, translation: str, src: Vocab, tgt: Vocab
 ) -> AttentionMaps:
     """Weights of every decoder layer while the model reads `source` and writes `translation`."""
     model.eval()
@@ -72,11 +85,14 @@ def collect_attention(
     cross: list[torch.Tensor] = []
     dec_self: list[torch.Tensor] = []
     handles = []
+    if isinstance(model, RNNEncoderDecoder):
+        _, weights = model.decode(tgt_ids, model.encode(src_ids), need_weights=True)  # (1, T, S)
+        cross.append(weights.detach().float().clone())  # (H=1, T, S)
+    else:
+        handles = _capture_decoder(model, cross, dec_self)
     try:
-        for layer in model.decoder.layers:
-            handles += _capture(layer.self_attn, dec_self)
-            handles += _capture(layer.cross_attn, cross)
-        model(src_ids, tgt_ids)
+        if handles:
+            model(src_ids, tgt_ids)
     finally:
         for h in handles:
             h.remove()
@@ -123,7 +139,8 @@ def plot_attention(
     title: str,
     path: str | os.PathLike,
 ) -> Path:
-    """One panel per layer and head, plus each layer's mean over heads; maps are (H, R, C).
+    """One panel per layer and head, plus each layer's mean over heads (when H > 1); maps are
+    (H, R, C).
 
     The panels are placed by hand (in inches) rather than by a layout engine, which would
     measure every tick label several times: this keeps a figure well under a second.
@@ -131,9 +148,10 @@ def plot_attention(
     from matplotlib.figure import Figure
 
     L, (H, R, C) = len(maps), maps[0].shape
+    panels = H + 1 if H > 1 else 1
     cell, gap, left, right, top, title_h, xlabels = 0.24, 0.2, 0.75, 1.0, 0.45, 0.3, 0.7
     panel_w, panel_h = C * cell, R * cell
-    width = left + (H + 1) * panel_w + H * gap + right
+    width = left + panels * panel_w + (panels - 1) * gap + right
     height = top + L * (title_h + panel_h + xlabels)
     fig = Figure(figsize=(width, height))
     family = _cjk_font()  # fonts are set per label: no global rcParams are touched
@@ -142,11 +160,11 @@ def plot_attention(
     image = None
     for layer, weights in enumerate(maps):
         y0 = height - top - (layer + 1) * (title_h + panel_h) - layer * xlabels
-        for h, panel in enumerate([*weights, weights.mean(0)]):  # H of (R, C), then the mean
+        for h, panel in enumerate([*weights, weights.mean(0)][:panels]):  # H (R, C), the mean
             x0 = left + h * (panel_w + gap)
             ax = fig.add_axes((x0 / width, y0 / height, panel_w / width, panel_h / height))
             image = ax.imshow(panel.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-            name = f"head {h + 1}" if h < H else "mean of heads"
+            name = "attention" if H == 1 else f"head {h + 1}" if h < H else "mean of heads"
             ax.set_title(f"layer {layer + 1}, {name}", fontsize=8)
             ax.set_xticks(range(C), xticks, fontsize=7, rotation=90, **font)
             ax.set_yticks(range(R), yticks if h == 0 else [], fontsize=7, **font)
@@ -161,7 +179,7 @@ def plot_attention(
 
 
 def write_heatmaps(
-    model: Transformer,
+    model: Transformer | RNNEncoderDecoder,
     examples: Sequence[Example],
     predictions: Sequence[str],
     src: Vocab,
@@ -169,7 +187,8 @@ def write_heatmaps(
     out_dir: str | os.PathLike,
 ) -> list[dict]:
     """Cross- and self-attention PNGs for each example under out_dir/heatmaps/; returns
-    one record per example with the paths relative to out_dir."""
+    one record per example with the paths relative to out_dir ("decoder_self" None for a
+    model without decoder self-attention, the RNN)."""
     out_dir = Path(out_dir)
     records = []
     for i, (ex, pred) in enumerate(zip(examples, predictions, strict=True)):
@@ -181,16 +200,24 @@ def write_heatmaps(
             f'cross-attention: "{shown}" -> {pred}  (rows: output, columns: input)',
             out_dir / cross,
         )  # fmt: skip
-        dec = Path("heatmaps") / f"{i:02d}_{ex.form}_decoder_self.png"
-        plot_attention(
-            maps.decoder_self, maps.predicted, maps.decoder_in,
-            f"decoder self-attention (causal) while writing {pred}", out_dir / dec,
-        )  # fmt: skip
+        dec = None
+        if maps.decoder_self:
+            dec = Path("heatmaps") / f"{i:02d}_{ex.form}_decoder_self.png"
+            plot_attention(
+                maps.decoder_self, maps.predicted, maps.decoder_in,
+                f"decoder self-attention (causal) while writing {pred}", out_dir / dec,
+            )  # fmt: skip
         records.append(
             {"source": ex.source, "target": ex.target, "prediction": pred, "form": ex.form,
-             "cross": cross.as_posix(), "decoder_self": dec.as_posix()}
+             "cross": cross.as_posix(), "decoder_self": dec and dec.as_posix()}
         )  # fmt: skip
     return records
+
+
+_MODEL_NAMES = {
+    "transformer": "encoder-decoder Transformer",
+    "rnn": "GRU encoder-decoder with additive attention (Bahdanau et al. 2015)",
+}
 
 
 def write_index(
@@ -209,9 +236,14 @@ def write_index(
         f'<figure><img src="{e(f["cross"])}" alt="cross-attention for {e(f["source"])}">'
         f"<figcaption>Cross-attention: each row is the decoder position that writes one "
         f"output character, each column an input character.</figcaption></figure>\n"
-        f'<figure><img src="{e(f["decoder_self"])}" alt="decoder self-attention for '
-        f'{e(f["source"])}"><figcaption>Decoder self-attention (causal: nothing above '
-        f"the diagonal).</figcaption></figure></section>"
+        + (
+            f'<figure><img src="{e(f["decoder_self"])}" alt="decoder self-attention for '
+            f'{e(f["source"])}"><figcaption>Decoder self-attention (causal: nothing above '
+            f"the diagonal).</figcaption></figure>"
+            if f.get("decoder_self")
+            else ""
+        )
+        + "</section>"
         for f in figures
     )
     forms = "\n".join(
@@ -219,6 +251,7 @@ def write_index(
         for name, value in metrics.get("exact_match_by_form", {}).items()
     )
     em = metrics.get("exact_match", float("nan"))
+    model = _MODEL_NAMES.get(metrics.get("arch", "transformer"), "")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qkv demo: dates to ISO 8601</title>
 <style>
@@ -229,7 +262,7 @@ td, th {{ padding: 2px 10px; border-bottom: 1px solid #ddd; }}
 </style></head><body>
 <h1>qkv demo: written dates → ISO 8601</h1>
 <p>Exact match on {metrics.get("eval_examples", 0):,} held-out examples (dates never seen in
-training): <b>{em:.2%}</b>. Training: {metrics.get("train_seconds", 0):.1f} s,
+training): <b>{em:.2%}</b>. Model: {e(model)}. Training: {metrics.get("train_seconds", 0):.1f} s,
 {metrics.get("parameters", 0):,} parameters, {metrics.get("steps", 0):,} steps.
 See <a href="metrics.json">metrics.json</a>.</p>
 <h2>Sample translations</h2>

@@ -20,6 +20,10 @@ docs/training.md.
 
 Evaluation decodes greedily with a KV cache (`qkv.nn.generate.greedy`) and counts exact
 matches of the whole ISO string.
+
+`DemoConfig(arch="rnn")` trains the model the Transformer replaced on the same task, with the
+same data, schedule and evaluation: a GRU encoder-decoder with additive attention
+(`qkv.demo.rnn`, 175k parameters), for docs/transformer-vs-rnn.md.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -40,6 +44,7 @@ from ..distributed import ddp
 from ..nn import Transformer, TransformerConfig, beam_search, greedy
 from .checkpoint import CheckpointError, TrainState, save_train_state
 from .dates import Example, Vocab, make_examples, source_vocab, split_dates, target_vocab
+from .rnn import RNNConfig, RNNEncoderDecoder
 
 __all__ = [
     "QUICK",
@@ -64,6 +69,7 @@ __all__ = [
 ]
 
 TARGET_LEN = 10  # "YYYY-MM-DD"
+ARCHS = ("transformer", "rnn")  # DemoConfig.arch
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class DemoConfig:
     """Everything `qkv demo` decides; the defaults are the full demo."""
 
     seed: int = 0  # dates split, examples, initialisation and batch order
+    # "transformer", or "rnn": the GRU encoder-decoder with additive attention (qkv.demo.rnn)
+    arch: str = "transformer"
     heldout_fraction: float = 0.1  # share of calendar dates never seen in training
     train_examples: int = 200_000  # pool the batches are drawn from (dates x forms)
     eval_examples: int = 2_000  # held-out examples scored by exact match
@@ -82,6 +90,9 @@ class DemoConfig:
     # starts) learn this task faster than sinusoids: 92% vs 73% exact match after 300 steps.
     positional: str = "rope"
     ffn_dim: int = 128  # 2 E, half the paper's 4 E: the largest matmuls, little need here
+    # The RNN's decoder state (54 per encoder direction): 174,987 parameters with E = 64,
+    # as close as an even size gets to the Transformer's 173,632.
+    rnn_hidden: int = 108
     steps: int = 800  # optimiser steps (about one pass over the pool)
     batch_size: int = 256  # examples per step (one source length per batch)
     lr: float = 5e-3  # peak learning rate; small pre-norm models take a high one
@@ -94,7 +105,9 @@ class DemoConfig:
     heatmap_examples: int = 4  # held-out examples whose attention is drawn (up to 4)
 
     def __post_init__(self) -> None:
-        for name in ("train_examples", "eval_examples", "steps", "batch_size"):
+        if self.arch not in ARCHS:
+            raise ValueError(f"DemoConfig.arch must be one of {ARCHS}; got {self.arch!r}")
+        for name in ("train_examples", "eval_examples", "steps", "batch_size", "rnn_hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoConfig.{name} must be an int >= 1; got {value!r}")
@@ -105,7 +118,7 @@ class DemoConfig:
 # A seconds-long run for tests: a tiny model and a few steps (exact match may be low).
 QUICK = DemoConfig(
     train_examples=4_000, eval_examples=200, embed_dim=32, num_heads=2, num_encoder_layers=1,
-    num_decoder_layers=1, ffn_dim=64, steps=40, batch_size=64, warmup_steps=10,
+    num_decoder_layers=1, ffn_dim=64, rnn_hidden=36, steps=40, batch_size=64, warmup_steps=10,
     heatmap_examples=2, threads=1,
 )  # fmt: skip
 
@@ -158,9 +171,18 @@ class ThreadChooser:
             self._timings.clear()
 
 
-def build_model(config: DemoConfig, src: Vocab, tgt: Vocab) -> Transformer:
-    """The qkv encoder-decoder Transformer sized by `config`, seeded."""
+def build_model(config: DemoConfig, src: Vocab, tgt: Vocab) -> Transformer | RNNEncoderDecoder:
+    """The model `config.arch` names, sized by `config`, seeded: the qkv encoder-decoder
+    Transformer, or the GRU encoder-decoder with additive attention."""
     torch.manual_seed(config.seed)
+    if config.arch == "rnn":
+        return RNNEncoderDecoder(
+            RNNConfig(
+                src_vocab_size=len(src), tgt_vocab_size=len(tgt), embed_dim=config.embed_dim,
+                hidden_dim=config.rnn_hidden, pad_id=Vocab.pad_id, bos_id=Vocab.bos_id,
+                eos_id=Vocab.eos_id,
+            )
+        )  # fmt: skip
     model_config = TransformerConfig(
         src_vocab_size=len(src), tgt_vocab_size=len(tgt), embed_dim=config.embed_dim,
         num_heads=config.num_heads, num_encoder_layers=config.num_encoder_layers,
@@ -304,7 +326,7 @@ def _optimizer(model: Transformer, config: DemoConfig) -> torch.optim.Optimizer:
 class TrainResult:
     """The trained model and what the run took."""
 
-    model: Transformer  # the module itself, never its DDP wrapper
+    model: Transformer | RNNEncoderDecoder  # the module itself, never its DDP wrapper
     seconds: float  # wall-clock training time (data preparation excluded; all sessions)
     steps: int
     examples_seen: int  # over all ranks
@@ -365,12 +387,14 @@ RESUME_MAY_CHANGE = frozenset({"threads", "eval_examples", "heatmap_examples"})
 
 
 def check_resumable(saved: dict, config: DemoConfig, where: str) -> None:
-    """CheckpointError unless `config` trains as the saved run's DemoConfig fields did."""
-    missing = object()
+    """CheckpointError unless `config` trains as the saved run's DemoConfig fields did.
+
+    A field the saved run does not list (it predates the field) had the field's default."""
+    defaults = asdict(DemoConfig())
     diffs = [
-        f"{name} {saved.get(name, missing)!r} -> {value!r}"
+        f"{name} {saved.get(name, defaults[name])!r} -> {value!r}"
         for name, value in asdict(config).items()
-        if name not in RESUME_MAY_CHANGE and saved.get(name, missing) != value
+        if name not in RESUME_MAY_CHANGE and saved.get(name, defaults[name]) != value
     ]
     if diffs:
         raise CheckpointError(
@@ -423,6 +447,7 @@ def train(
     state_path: str | os.PathLike | None = None,
     checkpoint_every: int = 200,
     resume: TrainState | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train a fresh model (or continue `resume`) to `config.steps` steps; tqdm bar when
     `progress`.
@@ -435,6 +460,10 @@ def train(
     `checkpoint_every` steps (0: not periodically), after the last step, and when SIGINT or
     SIGTERM asks to stop, which finishes the step under way, saves, then raises
     TrainingInterrupted on every rank.
+
+    `on_step(steps_done, model)`, if given, is called after every step (the model in train
+    mode; put it back if you change it); its time is not counted in the training seconds
+    (benchmarks/transformer_vs_rnn.py evaluates the model there as it trains).
     """
     from tqdm import tqdm
 
@@ -523,6 +552,11 @@ def train(
                 ddp.barrier()  # rank 0 has saved: now every rank may exit
                 signum = stop.signum or signal.SIGINT  # another rank may have got the signal
                 raise TrainingInterrupted(done, config.steps, state_path, signum, here.is_main)
+            if on_step is not None:
+                paused = time.perf_counter()
+                on_step(done, model)
+                model.train()
+                start += time.perf_counter() - paused  # not training time
     bar.close()
     model.eval()
     losses, accs, n = log["losses"], log["accuracies"], config.steps
