@@ -4,8 +4,10 @@ Its own problems (dense and causal float32 forwards) are compared with the NumPy
 across the sizes where its blocking changes: 64-row chunks, 16-query vectors, key
 slices of the online softmax (≤ 512), head widths that are not a multiple of anything.
 As the tiled kernel's engine for float32 jobs it is compared with torch's fused kernel on the
-same plans. Where it cannot be built (no AVX-512, no compiler) those tests skip, and the
-fallback tests still run.
+same plans. Each runs on every instruction set native.cpp is written for that this CPU has
+(AVX-512 and AVX2 on a machine with both, via QKV_NATIVE_ISA); the source of an ISA the CPU
+lacks is at least compiled. Where it cannot be built (neither ISA, no compiler) those tests
+skip, and the fallback tests still run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ from qkv.kernels import native, stacked, tiled
 
 WHY = native.unavailable()
 needs_native = pytest.mark.skipif(WHY is not None, reason=f"native kernel unavailable: {WHY}")
+HERE = [name for name, (cpu, _) in native.ISAS.items() if set(cpu) <= native._cpu_flags()]
+
+
+@pytest.fixture(params=HERE or [None])
+def isa(request, monkeypatch):
+    """Each ISA this CPU has in turn (QKV_NATIVE_ISA), the default build's when none."""
+    if request.param is not None:
+        monkeypatch.setenv("QKV_NATIVE_ISA", request.param)
+        why = native.unavailable()
+        if why is not None:
+            pytest.skip(f"the {request.param} build is unavailable: {why}")
+    return request.param
+
 
 SIZES = [  # (B, Hq, Hkv, Tq, Tk, D, Dv)
     (1, 1, 1, 1, 1, 1, 1),
@@ -48,7 +63,7 @@ def _run_native(q, k, v, **options):
 @needs_native
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
-def test_native_matches_truth(size, causal):
+def test_native_matches_truth(size, causal, isa):
     B, Hq, Hkv, Tq, Tk, D, Dv = size
     q, k, v = (t.detach() for t in make_qkv(size, torch.float32, seed=Tq + Tk))
     allowed = masks.causal().to_dense(B, Hq, Tq, Tk) if causal else None
@@ -61,7 +76,7 @@ def test_native_matches_truth(size, causal):
 
 
 @needs_native
-def test_native_takes_any_strides():
+def test_native_takes_any_strides(isa):
     """Inputs in token-major storage (a projection viewed as (B, T, H, D)) and a
     non-contiguous slice give the same result as contiguous ones."""
     q, k, v = (t.detach() for t in make_qkv((2, 4, 4, 70, 90, 32, 32), torch.float32))
@@ -93,7 +108,7 @@ def test_thread_count_does_not_change_the_result():
 
 
 @needs_native
-def test_nan_propagates_to_its_row_only():
+def test_nan_propagates_to_its_row_only(isa):
     q, k, v = (t.detach() for t in make_qkv((1, 2, 2, 40, 40, 16, 16), torch.float32))
     q[0, 1, 5, 3] = float("nan")
     out = _run_native(q, k, v).output
@@ -109,7 +124,7 @@ def test_nan_propagates_to_its_row_only():
 @pytest.mark.parametrize(
     "size", [(2, 4, 2, 63, 65), (1, 2, 1, 65, 129), (2, 2, 2, 129, 63)], ids=str
 )
-def test_tiled_kernel_on_native_matches_truth(size, mask_name, monkeypatch):
+def test_tiled_kernel_on_native_matches_truth(size, mask_name, monkeypatch, isa):
     """The tiled kernel with tiles of 64 and sub-blocks of 32 (native jobs) at tile ± 1:
     outputs, lse and gradients against the float64 truth, rows that see nothing included."""
     from test_tiled import _masks
@@ -148,7 +163,7 @@ TILED_MASKS = {
 
 @needs_native
 @pytest.mark.parametrize("mask_name", list(TILED_MASKS))
-def test_tiled_jobs_on_native_equal_torchs_fused_kernel(mask_name, monkeypatch):
+def test_tiled_jobs_on_native_equal_torchs_fused_kernel(mask_name, monkeypatch, isa):
     """The tiled kernel's float32 jobs (strided, masked, rows that see nothing, per-batch
     masks) give torch's fused kernel's outputs and lse, and the backward still works."""
     B, Hq, Hkv, Tq, Tk = 2, 4, 2, 150, 170
@@ -288,7 +303,7 @@ def test_torch_defaults_do_not_reach_the_kernel():
 
 
 @needs_native
-def test_nan_in_a_future_key_stays_out_of_earlier_rows():
+def test_nan_in_a_future_key_stays_out_of_earlier_rows(isa):
     """Masked keys are selected out, not added to: NaN + (-inf) would be NaN."""
     q, k, v = (t.detach() for t in make_qkv((1, 1, 1, 128, 128, 16, 16), torch.float32))
     k[0, 0, 70, 3] = float("nan")
@@ -372,3 +387,99 @@ def test_a_build_that_raises_falls_back(monkeypatch):
     assert fn is None
     if WHY is None:  # where a build can start, it must fail softly with the reason
         assert "home directory" in why
+
+
+def test_isa_is_chosen_from_the_cpu_flags(monkeypatch):
+    """The best ISA the flags offer; QKV_NATIVE_ISA narrows it; neither ISA says why."""
+    monkeypatch.setattr(native.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("QKV_NATIVE_ISA", raising=False)
+    cases = {
+        frozenset({"avx512f", "avx2", "fma"}): "avx512",
+        frozenset({"avx2", "fma"}): "avx2",
+        frozenset({"avx2"}): None,  # AVX2 without FMA: not enough
+        frozenset({"sse4_2"}): None,
+    }
+    for flags, want in cases.items():
+        monkeypatch.setattr(native, "_cpu_flags", lambda f=flags: set(f))
+        name, why = native.isa()
+        assert name == want
+        if want is None:
+            assert why == "the CPU has neither AVX-512 nor AVX2 with FMA"
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx512f", "avx2", "fma"})
+    monkeypatch.setenv("QKV_NATIVE_ISA", "avx2")
+    assert native.isa() == ("avx2", None)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setenv("QKV_NATIVE_ISA", "avx512")
+    assert native.isa() == (None, "QKV_NATIVE_ISA=avx512 but the CPU has no avx512f")
+    monkeypatch.setenv("QKV_NATIVE_ISA", "neon")
+    assert "QKV_NATIVE_ISA must be one of ['avx2', 'avx512']" in native.isa()[1]
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert native.isa() == (None, "needs Linux on x86-64; this is Linux aarch64")
+
+
+def _compiler_takes(flags) -> bool:
+    cxx = native._compiler()
+    if cxx is None:
+        return False
+    done = subprocess.run(
+        [cxx, *flags, "-x", "c++", "-fsyntax-only", "-"], input="int main(){}", text=True,
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    return done.returncode == 0
+
+
+def test_the_other_isas_source_compiles(tmp_path):
+    """An ISA this CPU lacks is not run here, but its build of native.cpp must compile, so
+    that a machine without AVX-512 still catches a broken AVX-512 path (and vice versa)."""
+    others = [name for name in native.ISAS if name not in HERE]
+    if not others:
+        pytest.skip(f"every ISA runs here ({', '.join(HERE)}): the tests above built them all")
+    for name in others:
+        flags = native.PORTABLE[name]
+        if not _compiler_takes(flags):
+            pytest.skip(f"the compiler cannot target {name} ({' '.join(flags)})")
+        target = tmp_path / f"{name}.so"
+        assert native.compile_source(target, flags) is None
+        assert target.stat().st_size > 0
+
+
+def test_a_broken_source_is_refused_at_compile_time(tmp_path, monkeypatch):
+    """native.cpp refuses to build for a vector width it has no helpers for."""
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler")
+    why = native.compile_source(tmp_path / "x.so", ("-DQKV_VECTOR_BITS=128",))
+    assert why is not None and "QKV_VECTOR_BITS must be 512 or 256" in why
+    assert not list(tmp_path.iterdir())  # nothing half-written is left
+
+
+@needs_native
+def test_a_library_whose_layout_differs_is_refused(monkeypatch, tmp_path):
+    """The Job structure is checked against the library's own layout before any call."""
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_layout", lambda: [1, 2, 3])
+    fn, why = native._build()
+    assert fn is None and "does not match native.py's Job layout" in why
+    monkeypatch.undo()
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    fn, why = native._build()  # the same cached file, with the real layout
+    assert fn is not None and why is None
+
+
+def test_asking_without_building_compiles_nothing(tmp_path):
+    done = _python(
+        """
+        from qkv.kernels import native
+        print("asked:", native.unavailable(build=False))
+        print("built:", native.build())
+        print("after:", native.unavailable(build=False))
+        """,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    if WHY is None:
+        assert lines["asked"].startswith("not built yet")
+        assert lines["built"] == "None" and lines["after"] == "None"
+    else:
+        assert lines["asked"] == lines["built"] == lines["after"] == WHY

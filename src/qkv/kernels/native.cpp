@@ -1,11 +1,11 @@
 // The native kernel: attention forward in float32, blocks of queries computed transposed.
 //
 // Letters: r queries of a block (rp: r rounded up to the vector width), nk keys in its
-// span, D / Dv head widths, V = 16 floats in one AVX-512 vector.
+// span, D / Dv head widths, V floats in one vector: 16 with AVX-512, 8 with AVX2.
 //
 // torch's fused CPU kernel runs at about 70% of the machine's matrix-multiply speed on
 // long spans and about half of it on the ~288-key spans of a sliding window's sub-blocks.
-// Here a block of up to CHUNK = 64 queries is computed transposed, every vector running
+// Here a block of up to CHUNK = 4·V queries is computed transposed, every vector running
 // across queries, over even slices of at most KEYS = 512 keys merged by the online softmax:
 //
 //   Sᵀ[j][·] = scale · Σ_d K[j][d] · Qᵀ[d][·]        (keys × queries, + mask)
@@ -15,13 +15,18 @@
 //
 // so the max, the exponentials and the sums are element-wise vector operations (no
 // reduction across lanes), a slice's scores stay near the core, and both products are one
-// register-blocked kernel (`product`): a few scalars of A broadcast against up to four
-// vectors of Y, all accumulators in registers (measured alone: ~160 GFLOP/s on one core,
+// register-blocked kernel (`product`): a few scalars of A broadcast against a few vectors
+// of Y, all accumulators in registers (AVX-512, measured alone: ~160 GFLOP/s on one core,
 // above the library GEMM's 147). Rows that see no key get out 0 and lse −inf; NaN
-// propagates. GCC vector extensions and AVX-512 intrinsics; native.py compiles it with
-// -march=native and uses it only where AVX-512 exists.
+// propagates.
+//
+// One source for two instruction sets: QKV_VECTOR_BITS (512 or 256, set by native.py from
+// the CPU's flags) fixes V; the code is GCC vector extensions, and the few operations they
+// cannot say — exp's scaling by 2ⁿ, rounding, partial loads and stores, a register
+// transpose, streaming stores — are the small per-ISA helpers below.
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -29,27 +34,171 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#ifndef QKV_VECTOR_BITS
+#define QKV_VECTOR_BITS 512
+#endif
+
+#if QKV_VECTOR_BITS == 512
+#ifndef __AVX512F__
+#error "QKV_VECTOR_BITS=512 needs AVX-512 (-mavx512f)"
+#endif
+#elif QKV_VECTOR_BITS == 256
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "QKV_VECTOR_BITS=256 needs AVX2 and FMA (-mavx2 -mfma)"
+#endif
+#else
+#error "QKV_VECTOR_BITS must be 512 or 256"
+#endif
+
+// One call of the kernel: n_items = n_groups × n_blocks sub-blocks, item = g·n_blocks + i.
+// Element offsets of group g are q_off[g] ... (from the tensors' first elements); block i
+// adds i·*_step. Row strides *_row. Block i reads nk + i·grow keys. mask: additive (0 / −inf),
+// transposed (keys × m_row, m_row ≥ r rounded up to V) per item at mask + m_off[g] +
+// i·m_step, or null; with tail > 0 it covers only the last `tail` keys of the span (the
+// others all visible: a causal block's diagonal tile). out rows hold Dv floats (stride 1).
+// native.py mirrors this layout in a ctypes Structure and checks it against
+// qkv_native_layout() when it loads the library: one definition of the call, by name.
+extern "C" struct qkv_native_job {
+    const float *q, *k, *v, *mask;
+    float *out, *lse;
+    const int64_t *q_off, *k_off, *v_off, *m_off, *o_off, *l_off;
+    int64_t n_items, n_blocks;
+    int64_t q_step, k_step, v_step, m_step, o_step, l_step;
+    int64_t q_row, k_row, v_row, m_row, o_row, l_row;
+    int32_t r, nk, grow, tail, D, Dv;
+    float scale;
+    int32_t threads;
+};
+
 namespace {
 
-constexpr int V = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
+constexpr int V = QKV_VECTOR_BITS / 32;
+typedef float vf __attribute__((vector_size(4 * V)));
+typedef float vfu __attribute__((vector_size(4 * V), aligned(4)));
 
 inline vf load(const float *p) { return *reinterpret_cast<const vfu *>(p); }
 inline void prefetch(const float *p) { _mm_prefetch(reinterpret_cast<const char *>(p), _MM_HINT_T1); }
 inline void store(float *p, vf x) { *reinterpret_cast<vfu *>(p) = x; }
-inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+// ---- the per-ISA helpers ---------------------------------------------------------------
+#if QKV_VECTOR_BITS == 512
+typedef __m512 reg;
+
+inline vf splat(float x) { return (vf)_mm512_set1_ps(x); }  // a broadcast load, no add
+
+// round to the nearest integer; p · 2ⁿ where live, else 0
+inline vf round_nearest(vf x) {
+    return (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline vf scale_live(vf p, vf n, vf x, float floor) {
+    const __mmask16 live = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(floor), _CMP_NLT_UQ);
+    return (vf)_mm512_maskz_scalef_ps(live, (__m512)p, (__m512)n);
+}
+// the first `count` floats at p (the rest 0), and stores of the first `count` lanes
+inline reg load_part(const float *p, int count) {
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), p);
+}
+inline void store_part(float *p, reg x, int count) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << count) - 1), x);
+}
+inline reg times(reg x, float s) { return _mm512_mul_ps(x, _mm512_set1_ps(s)); }
+inline void store_stream(float *p, reg x) { _mm512_stream_ps(p, x); }
+inline reg zero() { return _mm512_setzero_ps(); }
+
+// Sixteen rows of sixteen floats transposed in registers: x[i][j] becomes x[j][i].
+inline void transpose_tile(reg x[V]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved
+        t[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // then quadruples
+        x[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        x[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        x[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        x[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int h = 0; h < 16; h += 8)  // 128-bit lanes within eight rows
+        for (int i = 0; i < 4; ++i) {
+            t[h + i] = _mm512_shuffle_f32x4(x[h + i], x[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_f32x4(x[h + i], x[h + i + 4], 0xDD);
+        }
+    for (int i = 0; i < 8; ++i) {  // and across the two halves
+        x[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        x[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+}
+
+// Most rows of A per product step with NV vectors of Y: AB·NV accumulators, NV vectors and
+// a broadcast within the 32 vector registers.
+constexpr int most_rows(int NV) { return NV == 4 ? 6 : NV == 2 ? 12 : 24; }
+constexpr int WIDEST = 4;  // vectors of Y per product step, at most
+
+#else  // AVX2 + FMA
+typedef __m256 reg;
+
+inline vf splat(float x) { return (vf)_mm256_set1_ps(x); }
+
+inline vf round_nearest(vf x) {
+    return (vf)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+// 2ⁿ built in the exponent field: n is in [−126, 0] wherever x ≥ floor (≈ −87.3) and
+// x ≤ 0, so (n + 127) << 23 is a normal float; lanes below the floor are cleared.
+inline vf scale_live(vf p, vf n, vf x, float floor) {
+    const __m256 live = _mm256_cmp_ps((__m256)x, _mm256_set1_ps(floor), _CMP_NLT_UQ);
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32((__m256)n), _mm256_set1_epi32(127)), 23);
+    return (vf)_mm256_and_ps(_mm256_mul_ps((__m256)p, _mm256_castsi256_ps(e)), live);
+}
+inline __m256i first_lanes(int count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+// (vmaskmovps stores are slow on AMD's cores: whole vectors go plain)
+inline reg load_part(const float *p, int count) {
+    return count == V ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes(count));
+}
+inline void store_part(float *p, reg x, int count) {
+    if (count == V)
+        _mm256_storeu_ps(p, x);
+    else
+        _mm256_maskstore_ps(p, first_lanes(count), x);
+}
+inline reg times(reg x, float s) { return _mm256_mul_ps(x, _mm256_set1_ps(s)); }
+inline void store_stream(float *p, reg x) { _mm256_stream_ps(p, x); }
+inline reg zero() { return _mm256_setzero_ps(); }
+
+// Eight rows of eight floats transposed in registers: x[i][j] becomes x[j][i].
+inline void transpose_tile(reg x[V]) {
+    __m256 t[8], s[8];
+    for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+        t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  // then quadruples
+        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {  // and across the two 128-bit halves
+        x[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+        x[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+    }
+}
+
+// 16 vector registers: AB·NV accumulators, NV vectors of Y and a broadcast.
+constexpr int most_rows(int NV) { return NV == 4 ? 2 : NV == 2 ? 6 : 12; }
+constexpr int WIDEST = 2;
+#endif
+// ----------------------------------------------------------------------------------------
 
 // exp(x) in float32 for x ≤ 0 (scores minus their row max): x = n·ln2 + r, |r| ≤ ln2/2
 // (ln2 in two parts, Cody-Waite), e^r by its degree-6 Taylor polynomial (relative error
-// < 1.3e-7 there), times 2^n by vscalefps. Lanes below −87.33 (where e^x leaves the normal
-// float range; −inf for a masked key) come out exactly 0, since denormal probabilities
-// would slow every product that reads them; NaN compares "not less" and stays NaN.
+// < 1.3e-7 there), times 2^n. Lanes below −87.33 (where e^x leaves the normal float range;
+// −inf for a masked key) come out exactly 0, since denormal probabilities would slow every
+// product that reads them; NaN compares "not less" and stays NaN.
 inline vf vexp(vf x) {
-    const __m512 xs = (__m512)x;
-    const __mmask16 live = _mm512_cmp_ps_mask(xs, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
-    const vf n = (vf)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vf n = round_nearest(x * splat(1.44269504088896341f));
     const vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
     vf p = splat(1.0f / 720);
     p = p * r + splat(1.0f / 120);
@@ -58,7 +207,7 @@ inline vf vexp(vf x) {
     p = p * r + splat(0.5f);
     p = p * r + splat(1.0f);
     p = p * r + splat(1.0f);
-    return (vf)_mm512_maskz_scalef_ps(live, (__m512)p, (__m512)n);
+    return scale_live(p, n, x, -87.33654f);
 }
 
 // C[a][0:NV·V] = Σ_{b < nb} A[a·sa + b·sb] · Y[b·ys + 0:NV·V]  for a < AB: AB scalars
@@ -106,14 +255,14 @@ inline void product(const float *A, int64_t sa, int64_t sb, const float *Y, int6
     }
 }
 
-// Rows [0, na) of C in blocks of at most `most` rows, sized evenly (64 = 10+10+11+11+11+11
-// with two vectors), so that no block runs with too few accumulators to hide the
-// multiply-add latency. Accumulators + NV vectors + a broadcast fit the 32 registers.
+// Rows [0, na) of C in blocks of at most `most_rows(NV)` rows, sized evenly (64 = 10+10+
+// 11+11+11+11 with two AVX-512 vectors), so that no block runs with too few accumulators
+// to hide the multiply-add latency.
 template <int NV, bool SCORES>
 void product_rows(int na, const float *A, int64_t sa, int64_t sb, const float *Y, int64_t ys,
                   int nb, float *C, int64_t cs, float scale, const float *M, int64_t ms,
                   float *mx) {
-    constexpr int most = NV == 4 ? 6 : NV == 2 ? 12 : 24;
+    constexpr int most = most_rows(NV);
     const int blocks = (na + most - 1) / most;
     for (int blk = 0, a = 0; blk < blocks; ++blk) {
         const int rows = (na - a) / (blocks - blk);  // even split of what is left
@@ -136,14 +285,15 @@ void product_rows(int na, const float *A, int64_t sa, int64_t sb, const float *Y
     }
 }
 
-// C (na × rp) over all rp columns of Y: four vectors at a time, then two, then one.
+// C (na × rp) over all rp columns of Y: WIDEST vectors at a time, then fewer.
 template <bool SCORES>
 void product_all(int na, const float *A, int64_t sa, int64_t sb, const float *Y, int64_t rp,
                  int nb, float *C, float scale, const float *M, int64_t ms, float *mx) {
     int64_t u = 0;
-    for (; u + 4 * V <= rp; u += 4 * V)
-        product_rows<4, SCORES>(na, A, sa, sb, Y + u, rp, nb, C + u, rp, scale, M ? M + u : M,
-                                ms, mx ? mx + u : mx);
+    if constexpr (WIDEST == 4)
+        for (; u + 4 * V <= rp; u += 4 * V)
+            product_rows<4, SCORES>(na, A, sa, sb, Y + u, rp, nb, C + u, rp, scale,
+                                    M ? M + u : M, ms, mx ? mx + u : mx);
     for (; u + 2 * V <= rp; u += 2 * V)
         product_rows<2, SCORES>(na, A, sa, sb, Y + u, rp, nb, C + u, rp, scale, M ? M + u : M,
                                 ms, mx ? mx + u : mx);
@@ -152,52 +302,25 @@ void product_all(int na, const float *A, int64_t sa, int64_t sb, const float *Y,
                                 ms, mx ? mx + u : mx);
 }
 
-// Sixteen rows of sixteen floats transposed in registers: x[i][j] becomes x[j][i].
-inline void transpose16(__m512 x[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved
-        t[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {  // then quadruples
-        x[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-        x[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-        x[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        x[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int h = 0; h < 16; h += 8)  // 128-bit lanes within eight rows
-        for (int i = 0; i < 4; ++i) {
-            t[h + i] = _mm512_shuffle_f32x4(x[h + i], x[h + i + 4], 0x88);
-            t[h + i + 4] = _mm512_shuffle_f32x4(x[h + i], x[h + i + 4], 0xDD);
-        }
-    for (int i = 0; i < 8; ++i) {  // and across the two halves
-        x[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-        x[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-    }
-}
-
-// dst[c][a] = src[a][c] (· scale[c] when given) for a < na, c < nc, in 16 × 16 blocks
+// dst[c][a] = src[a][c] (· scale[c] when given) for a < na, c < nc, in V × V blocks
 // transposed in registers; partial blocks load zeros and store only their part.
 void transpose(const float *src, int64_t ss, int na, int nc, float *dst, int64_t ds,
                const float *scale = nullptr, bool stream = false) {
     for (int a0 = 0; a0 < na; a0 += V) {
         const int ra = na - a0 < V ? na - a0 : V;
-        const __mmask16 rows = (__mmask16)((1u << ra) - 1);
         for (int c0 = 0; c0 < nc; c0 += V) {
             const int rc = nc - c0 < V ? nc - c0 : V;
-            const __mmask16 cols = (__mmask16)((1u << rc) - 1);
-            __m512 x[16];
-            for (int i = 0; i < 16; ++i)
-                x[i] = i < ra ? _mm512_maskz_loadu_ps(cols, src + (a0 + i) * ss + c0)
-                              : _mm512_setzero_ps();
-            transpose16(x);
+            reg x[V];
+            for (int i = 0; i < V; ++i)
+                x[i] = i < ra ? load_part(src + (a0 + i) * ss + c0, rc) : zero();
+            transpose_tile(x);
             for (int j = 0; j < rc; ++j) {
-                const __m512 y = scale ? _mm512_mul_ps(x[j], _mm512_set1_ps(scale[c0 + j])) : x[j];
+                const reg y = scale ? times(x[j], scale[c0 + j]) : x[j];
                 float *to = dst + (c0 + j) * ds + a0;
-                if (stream && ra == V && (reinterpret_cast<uintptr_t>(to) & 63) == 0)
-                    _mm512_stream_ps(to, y);  // a whole line: no read for ownership
+                if (stream && ra == V && (reinterpret_cast<uintptr_t>(to) & (4 * V - 1)) == 0)
+                    store_stream(to, y);  // a whole line: no read for ownership
                 else
-                    _mm512_mask_storeu_ps(to, rows, y);
+                    store_part(to, y, ra);
             }
         }
     }
@@ -208,9 +331,13 @@ void transpose(const float *src, int64_t ss, int na, int nc, float *dst, int64_t
 // run in chunks of this many, each against all of the block's keys.
 constexpr int CHUNK = 4 * V;
 
-// Keys per slice of the online softmax: the slice's scores (KEYS × CHUNK floats, 32 KiB)
-// stay near the core; measured against 64 and 512, 128 was as fast or faster.
-constexpr int KEYS = 512;
+// Keys per slice of the online softmax: the slice's scores (KEYS × CHUNK floats: 128 KiB
+// with AVX-512, 64 KiB with AVX2) stay in L2 (benchmarks/tile_sizes.py --keys measures
+// the alternatives).
+#ifndef QKV_KEYS
+#define QKV_KEYS 512
+#endif
+constexpr int KEYS = QKV_KEYS;
 
 struct Buffers {
     // Qᵀ (D × CHUNK), Sᵀ of a slice (KEYS × CHUNK), Oᵀ (Dv × CHUNK); running max, sum and
@@ -297,25 +424,8 @@ void chunk(const float *qb, int64_t q_row, const float *kb, int64_t k_row, const
     transpose(w.ot, rp, Dv, r, ob, o_row, w.sum, true);
 }
 
-// Items of n_groups × n_blocks sub-blocks; item = g·n_blocks + i. Element offsets of
-// group g are q_off[g] ... (from the tensors' first elements); block i adds i·*_step. Row
-// strides *_row. Block i reads nk + i·grow keys. mask: additive (0 / −inf), transposed
-// (keys × mrow, mrow = r rounded up to V) per item at mask + m_off[g] + i·m_step, or null;
-// with tail > 0 it covers only the last `tail` keys of the span (the others are all
-// visible: a causal block's diagonal tile). out rows hold Dv floats (stride 1).
-struct Job {
-    const float *q, *k, *v, *mask;
-    float *out, *lse;
-    int64_t n_blocks;
-    const int64_t *q_off, *k_off, *v_off, *m_off, *o_off, *l_off;
-    int64_t q_step, k_step, v_step, m_step, o_step, l_step;
-    int64_t q_row, k_row, v_row, o_row, l_row;
-    int r, nk, grow, tail, D, Dv;
-    float scale;
-};
-
 // Rows [c, c + CHUNK) of one item.
-void run_unit(const Job &j, int64_t item, int c, const Buffers &w) {
+void run_unit(const qkv_native_job &j, int64_t item, int c, const Buffers &w) {
     const int64_t g = item / j.n_blocks, i = item % j.n_blocks;
     const float *qb = j.q + j.q_off[g] + i * j.q_step;
     const float *kb = j.k + j.k_off[g] + i * j.k_step;
@@ -324,7 +434,6 @@ void run_unit(const Job &j, int64_t item, int c, const Buffers &w) {
     float *ob = j.out + j.o_off[g] + i * j.o_step;
     float *lb = j.lse + j.l_off[g] + i * j.l_step;
     const int nk = j.nk + (int)(i * j.grow);
-    const int64_t mrow = (j.r + V - 1) / V * V;
     // ask for the next block's queries, and for the keys and values its span adds,
     // while this one computes (measured: a 256-key window 9% faster)
     if (i + 1 < j.n_blocks && c == 0) {
@@ -337,7 +446,7 @@ void run_unit(const Job &j, int64_t item, int c, const Buffers &w) {
             for (int d = 0; d < j.Dv; d += V) prefetch(vb + j.v_step + key * j.v_row + d);
         }
     }
-    chunk(qb + c * j.q_row, j.q_row, kb, j.k_row, vb, j.v_row, mb ? mb + c : nullptr, mrow,
+    chunk(qb + c * j.q_row, j.q_row, kb, j.k_row, vb, j.v_row, mb ? mb + c : nullptr, j.m_row,
           j.tail, ob + c * j.o_row, j.o_row, lb + c * j.l_row, j.l_row,
           j.r - c < CHUNK ? j.r - c : CHUNK, nk, j.D, j.Dv, j.scale, w);
 }
@@ -363,27 +472,39 @@ float *thread_buffer(size_t floats) {
 
 extern "C" {
 
-// Every item of the job (see Job) in units of CHUNK rows (a job may have fewer blocks
-// than threads), spread over `threads` threads of the OpenMP pool: in contiguous runs when
+// Floats per vector of this build (16: AVX-512, 8: AVX2).
+int qkv_native_vector_floats() { return V; }
+
+// sizeof(qkv_native_job) and the byte offset of each field in declaration order, for
+// native.py to compare with its own Structure; returns the number of values written.
+int qkv_native_layout(int64_t *out, int most) {
+    const int64_t values[] = {
+        (int64_t)sizeof(qkv_native_job),
+#define AT(f) (int64_t) offsetof(qkv_native_job, f)
+        AT(q), AT(k), AT(v), AT(mask), AT(out), AT(lse), AT(q_off), AT(k_off), AT(v_off),
+        AT(m_off), AT(o_off), AT(l_off), AT(n_items), AT(n_blocks), AT(q_step), AT(k_step),
+        AT(v_step), AT(m_step), AT(o_step), AT(l_step), AT(q_row), AT(k_row), AT(v_row),
+        AT(m_row), AT(o_row), AT(l_row), AT(r), AT(nk), AT(grow), AT(tail), AT(D), AT(Dv),
+        AT(scale), AT(threads),
+#undef AT
+    };
+    const int n = (int)(sizeof(values) / sizeof(values[0]));
+    for (int i = 0; i < n && i < most; ++i) out[i] = values[i];
+    return n;
+}
+
+// Every item of the job in units of CHUNK rows (a job may have fewer blocks than
+// threads), spread over job->threads threads of the OpenMP pool: in contiguous runs when
 // the units are equal, one at a time when they grow (causal blocks).
 // Loaded into a process that runs torch, libgomp is torch's own (same soname): these are
 // the threads torch's operators use, and no second pool competes with them for the cores.
 // Returns nonzero if a thread could not allocate its buffers.
-int qkv_native_forward(const float *q, const float *k, const float *v, const float *mask,
-                       float *out, float *lse, int64_t n_items, int64_t n_blocks,
-                       const int64_t *q_off, const int64_t *k_off, const int64_t *v_off,
-                       const int64_t *m_off, const int64_t *o_off, const int64_t *l_off,
-                       int64_t q_step, int64_t k_step, int64_t v_step, int64_t m_step,
-                       int64_t o_step, int64_t l_step, int64_t q_row, int64_t k_row,
-                       int64_t v_row, int64_t o_row, int64_t l_row, int r, int nk, int grow,
-                       int tail, int D, int Dv, float scale, int threads) {
-    const Job job{q,      k,      v,      mask,   out,    lse,    n_blocks, q_off,
-                  k_off,  v_off,  m_off,  o_off,  l_off,  q_step, k_step,   v_step,
-                  m_step, o_step, l_step, q_row,  k_row,  v_row,  o_row,    l_row,
-                  r,      nk,     grow,   tail,   D,      Dv,     scale};
+int qkv_native_forward(const qkv_native_job *job_ptr) {
+    const qkv_native_job &job = *job_ptr;
+    const int D = job.D, Dv = job.Dv;
     const size_t floats = (size_t)CHUNK * (D + KEYS + Dv + 3);
     int failed = 0;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
+#pragma omp parallel num_threads(job.threads > 0 ? job.threads : 1) reduction(| : failed)
     {
         float *buf = thread_buffer(floats);
         if (buf) std::memset(buf, 0, floats * 4);  // padded query columns stay finite
@@ -391,8 +512,8 @@ int qkv_native_forward(const float *q, const float *k, const float *v, const flo
         auto take = [&at](int64_t n) { float *p = at; at += n * CHUNK; return p; };
         Buffers w{take(D), take(KEYS), take(Dv), take(1), take(1), take(1)};
         failed |= buf == nullptr;
-        const int64_t per_item = (r + CHUNK - 1) / CHUNK, units = n_items * per_item;
-        if (grow == 0) {  // equal units: contiguous runs, neighbours share their keys
+        const int64_t per_item = (job.r + CHUNK - 1) / CHUNK, units = job.n_items * per_item;
+        if (job.grow == 0) {  // equal units: contiguous runs, neighbours share their keys
 #pragma omp for schedule(static)
             for (int64_t unit = 0; unit < units; ++unit)
                 if (buf) run_unit(job, unit / per_item, (int)(unit % per_item) * CHUNK, w);
