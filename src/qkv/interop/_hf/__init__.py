@@ -1,0 +1,1 @@
+"""Internals of `qkv.interop.transformers` (nothing here imports transformers at import time)."""
