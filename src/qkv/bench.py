@@ -19,8 +19,14 @@ up to 30% slower). "peak" is the resident memory one call adds above its inputs,
 in a fresh process per contender (the dense mask of sdpa-mask and naive counts; flex's
 compilation does not).
 
+A GEMM is measured only for the dtypes of the cases selected. bfloat16 cases are skipped,
+with the reason printed, on a machine whose bfloat16 matrix multiply is emulated (far slower
+than its float32 one, as on CPUs without AVX512-BF16 or AMX); `--bf16` runs them anyway.
+The "decode call" cases measure what one call costs beyond the arithmetic: a single query
+against 128 keys, where validation and dispatch are most of the time.
+
     python -m qkv.bench            # the full suite (a few minutes on 2 cores)
-    python -m qkv.bench --quick    # seconds; smaller sizes
+    python -m qkv.bench --quick    # smaller sizes: under two minutes on 2 AVX2 cores
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class Case:
     backward: bool = False
     flex: bool = False  # also time FlexAttention (compiles on first use)
     contenders: tuple[str, ...] = ("qkv", "sdpa", "sdpa-mask", "naive")
+    repeats: int | None = None  # timed calls per contender, instead of the run's (tiny cases)
     results: dict = field(default_factory=dict)
 
     def allowed(self) -> torch.Tensor | None:
@@ -186,12 +193,15 @@ def _time_interleaved(calls: dict[str, Callable], c: Case, repeats: int) -> dict
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def gemm_throughput(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 9) -> float:
-    """FLOP/s of an n×n×n matrix multiply in `dtype` (median of `repeats`, after ~1 s of
-    warm-up: the first multiplies of a process run up to 30% slower)."""
+def gemm_throughput(
+    dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 9, warmup: float = 1.0
+) -> float:
+    """FLOP/s of an n×n×n matrix multiply in `dtype` (median of `repeats`, after `warmup`
+    seconds of warm-up: the first multiplies of a process run up to 30% slower)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 1.0:
+    a @ b
+    while time.perf_counter() - t0 < warmup:
         a @ b
     ts = []
     for _ in range(repeats):
@@ -199,6 +209,21 @@ def gemm_throughput(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: 
         a @ b
         ts.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(ts)
+
+
+def bf16_emulated(n: int = 256) -> str | None:
+    """Why bfloat16 cases would measure an emulation rather than the hardware (its n³
+    multiply below a quarter of float32's), or None when bfloat16 runs at speed. About
+    0.1 s where bfloat16 is fast; bounded where it is emulated (one multiply of 2·n³
+    FLOPs, ~25 ms at the ~1.4 GFLOP/s seen on an AVX2 machine)."""
+    f32 = gemm_throughput(torch.float32, n, repeats=3, warmup=0.05)
+    bf16 = gemm_throughput(torch.bfloat16, n, repeats=3, warmup=0.0)
+    if bf16 < 0.25 * f32:
+        return (
+            f"bfloat16 matrix multiplies are emulated here ({bf16 / 1e9:.1f} GFLOP/s against "
+            f"{f32 / 1e9:.0f} for float32 at {n}³): skipped, --bf16 runs them anyway"
+        )
+    return None
 
 
 def _status_kib(field: str) -> int | None:
@@ -268,7 +293,7 @@ def run_case(c: Case, repeats: int, gemm: float, memory_quick: bool | None = Non
             calls["flex"], compile_s = _flex(c)
         except Exception as err:  # FlexAttention needs a compiler; report, do not fail
             c.results["flex-error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
-    medians = _time_interleaved(calls, c, repeats)
+    medians = _time_interleaved(calls, c, c.repeats or repeats)
     flops = 4 * c.D * c.pairs() * (2.5 if c.backward else 1.0)
     base = medians.get("sdpa", medians.get("sdpa-mask"))
     for name, t in medians.items():
@@ -351,6 +376,28 @@ def suite(quick: bool) -> list[Case]:
             mask=masks.window(1023),
             contenders=("qkv", "sdpa-mask"),
         ),
+        # what one call costs beyond its arithmetic (a decoding step of one layer)
+        Case("decode call", 1, 8, 1, 128, contenders=("qkv", "sdpa"), repeats=300),
+        Case(
+            "decode call, causal",
+            1,
+            8,
+            1,
+            128,
+            causal=True,
+            contenders=("qkv", "sdpa"),
+            repeats=300,
+        ),
+        Case(
+            "decode call, padding",
+            4,
+            8,
+            1,
+            128,
+            mask=masks.padding([128, 100, 60, 1]),
+            contenders=("qkv", "sdpa-mask"),
+            repeats=300,
+        ),
         Case(
             "dense bf16",
             1,
@@ -361,6 +408,37 @@ def suite(quick: bool) -> list[Case]:
             contenders=("qkv", "sdpa", "naive"),
         ),
     ]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.1f} ms"
+
+
+def _machine_line() -> str:
+    """The CPU, the ISA the native kernel uses, threads and torch: every figure says where
+    it came from."""
+    from qkv.kernels import native
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        info = dict(
+            (part.strip() for part in line.split(":", 1))
+            for line in pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+            if ":" in line
+        )
+        cpu = f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    except (OSError, KeyError, ValueError):
+        pass
+    isa, why = native.isa()
+    flags = native._cpu_flags()
+    extras = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    isa_text = f"native kernel: {isa}" if isa else f"no native kernel ({why})"
+    if extras:
+        isa_text += " (+" + ", ".join(extras) + ")"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {isa_text}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
 
 
 def format_table(cases: list[Case], gemm: dict) -> str:
@@ -377,17 +455,15 @@ def format_table(cases: list[Case], gemm: dict) -> str:
             peak = r.get("peak_mib")
             peak = "—" if peak is None else f"{peak:.0f} MiB"
             lines.append(
-                f"| {c.name} | {shape} | {name} | {r['seconds'] * 1e3:.1f} ms | {ratio} | "
+                f"| {c.name} | {shape} | {name} | {_ms(r['seconds'])} | {ratio} | "
                 f"{100 * r['gemm_fraction']:.0f}% | {peak} |"
             )
         if "flex-compile-seconds" in c.results:
             lines.append(
                 f"| {c.name} | | flex compile | {c.results['flex-compile-seconds']:.1f} s | | | |"
             )
-    header = (
-        f"{datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; GEMM "
-        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items())
+    header = f"{datetime.date.today().isoformat()}, {_machine_line()}; GEMM " + ", ".join(
+        f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items()
     )
     return header + "\n\n" + "\n".join(lines)
 
@@ -441,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the peak-memory runs (a fresh process each)"
     )
+    parser.add_argument(
+        "--bf16", action="store_true", help="run bfloat16 cases even where bfloat16 is emulated"
+    )
     parser.add_argument("--memory-of", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_of is not None:  # the child of peak_memory
@@ -449,18 +528,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
     repeats = args.repeats or (3 if args.quick else 7)
-    gemm = {
-        "float32": gemm_throughput(torch.float32),
-        "bfloat16": gemm_throughput(torch.bfloat16),
-    }
     cases = [c for c in suite(args.quick) if args.only is None or args.only in c.name]
-    for c in cases:
-        g = gemm["bfloat16" if c.dtype == torch.bfloat16 else "float32"]
+    if not cases:  # before anything is measured: a usage error answered at once
+        names = ", ".join(repr(c.name) for c in suite(args.quick))
+        parser.error(f"--only {args.only!r} matches no case; the cases are {names}")
+    print(_machine_line(), flush=True)
+    if not args.bf16 and any(c.dtype == torch.bfloat16 for c in cases):
+        why = bf16_emulated()
+        if why is not None:
+            for c in cases:
+                if c.dtype == torch.bfloat16:
+                    print(f"{c.name}: {why}", flush=True)
+            cases = [c for c in cases if c.dtype != torch.bfloat16]
+    gemm = {}
+    for dtype in dict.fromkeys(c.dtype for c in cases):  # only the dtypes the cases use
+        name = str(dtype).replace("torch.", "")
+        gemm[name] = gemm_throughput(dtype, n=1024 if args.quick else 2048,
+                                     warmup=0.3 if args.quick else 1.0)  # fmt: skip
+        print(f"GEMM {name}: {gemm[name] / 1e9:.0f} GFLOP/s", flush=True)
+    for i, c in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {c.name} ...", end=" ", flush=True)
+        g = gemm[str(c.dtype).replace("torch.", "")]
         run_case(c, repeats, g, memory_quick=None if args.no_memory else args.quick)
         print(
-            f"{c.name}: "
-            + ", ".join(
-                f"{k} {v['seconds'] * 1e3:.1f} ms"
+            ", ".join(
+                f"{k} {v['seconds'] * 1e3:.3g} ms"
                 for k, v in c.results.items()
                 if isinstance(v, dict)
             ),

@@ -342,8 +342,12 @@ def forward(
         raise MemoryError("the native kernel could not allocate its per-thread buffers")
 
 
-def unsupported(p: Problem) -> str | None:
-    """Why the native kernel cannot run the problem, or None when it can."""
+def unsupported(p: Problem, *, build: bool = True) -> str | None:
+    """Why the native kernel cannot run the problem, or None when it can.
+
+    build=False (`qkv.explain`) compiles nothing: a kernel not built yet counts as one that
+    can run, since the first call that needs it builds it.
+    """
     if p.need_weights:
         return "weights come from the reference or tiled kernel"
     if p.bias is not None:
@@ -364,8 +368,10 @@ def unsupported(p: Problem) -> str | None:
         return "CPU only"
     if p.needs_grad:
         return "gradients: torch's fused forward and backward run as a pair"
-    why = unavailable()
-    return None if why is None else f"not built here: {why}"
+    why = unavailable(build=build)
+    if why is None or (not build and why.startswith("not built yet")):
+        return None
+    return f"not built here: {why}"
 
 
 def unit_stride(x: torch.Tensor) -> torch.Tensor:
