@@ -153,7 +153,7 @@ def test_resume_continues_the_rnn_bit_for_bit(tmp_path):
     train_set, _, src, tgt = prepare(TINY)
     state, midway = tmp_path / "state.pt", tmp_path / "midway.pt"
 
-    def keep_midway(step, model):  # the periodic save of step 3 has just been written
+    def keep_midway(step, seconds, model):  # the periodic save of step 3 has just been written
         if step == 3:
             shutil.copy(state, midway)
 
@@ -173,8 +173,10 @@ def test_on_step_sees_every_step_and_is_not_training_time():
     train_set, _, src, tgt = prepare(TINY)
     seen = []
     result = train(TINY, train_set, src, tgt, progress=False,
-                   on_step=lambda step, model: seen.append((step, model.training)))  # fmt: skip
-    assert seen == [(s, True) for s in range(1, TINY.steps + 1)]
+                   on_step=lambda step, seconds, model: seen.append((step, seconds, model.training)))  # fmt: skip
+    assert [(s, training) for s, _, training in seen] == [(s, True) for s in range(1, 7)]
+    seconds = [t for _, t, _ in seen]
+    assert seconds == sorted(seconds) and seconds[-1] == result.seconds
     assert math.isfinite(result.final_loss)
 
 

@@ -447,7 +447,7 @@ def train(
     state_path: str | os.PathLike | None = None,
     checkpoint_every: int = 200,
     resume: TrainState | None = None,
-    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    on_step: Callable[[int, float, torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train a fresh model (or continue `resume`) to `config.steps` steps; tqdm bar when
     `progress`.
@@ -461,9 +461,9 @@ def train(
     SIGTERM asks to stop, which finishes the step under way, saves, then raises
     TrainingInterrupted on every rank.
 
-    `on_step(steps_done, model)`, if given, is called after every step (the model in train
-    mode; put it back if you change it); its time is not counted in the training seconds
-    (benchmarks/transformer_vs_rnn.py evaluates the model there as it trains).
+    `on_step(steps_done, seconds, model)`, if given, is called after every step with the
+    training seconds so far; the time it takes is not counted in them, and the model is put
+    back in train mode after it (benchmarks/transformer_vs_rnn.py evaluates as it trains).
     """
     from tqdm import tqdm
 
@@ -554,7 +554,7 @@ def train(
                 raise TrainingInterrupted(done, config.steps, state_path, signum, here.is_main)
             if on_step is not None:
                 paused = time.perf_counter()
-                on_step(done, model)
+                on_step(done, log["seconds"], model)
                 model.train()
                 start += time.perf_counter() - paused  # not training time
     bar.close()
