@@ -1,14 +1,15 @@
 """The `qkv` command line: demo, translate, shapes, bench.
 
     qkv demo [--out DIR] [--quick] [--resume]   train the date translator, write heatmaps
-    qkv translate TEXT... --checkpoint PATH [--beam N]
+    qkv translate TEXT... --checkpoint PATH [--beam N] [--json]   with how sure it is
     qkv shapes --batch N --length L --dim E --heads H [--kv-heads G] [--dtype D]
     qkv bench [...]                              qkv against torch's attention (qkv.bench)
 
-Exit codes: 0 success, 2 for anything the user can fix (a usage error, an unreadable
-checkpoint, characters the model has never seen, --resume of another config), always with a
-one-line message on stderr; 130 (143) when Ctrl-C (SIGTERM) stopped `qkv demo`, whose
-training state is then saved for --resume.
+Exit codes: 0 success, 2 for anything the user can fix (a usage error, an empty or blank
+TEXT, an unreadable checkpoint, characters the model has never seen, an --out that cannot
+be written, --resume of another config), always with one line on stderr that names the
+argument at fault (tests/test_cli_audit.py tries every option); 130 (143) when Ctrl-C
+(SIGTERM) stopped `qkv demo`, whose training state is then saved for --resume.
 Heavy imports (torch, the demo) happen inside the subcommands, so `qkv --help` is instant.
 """
 
@@ -28,23 +29,45 @@ def _fail(prog: str, message: str) -> int:
     return USAGE_ERROR
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an int >= minimum, with a one-line message otherwise."""
+def _shown(text: str, limit: int = 40) -> str:
+    """`text` quoted for a message, cut short when long (a one-line message stays short)."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[: limit - 3]) + f"... ({len(text):,} characters)"
+
+
+def _int_in(minimum: int, maximum: int | None, what: str):
+    """An argparse type: an int in [minimum, maximum], with a one-line message otherwise."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        except ValueError:  # not an integer, or more digits than int() reads
+            raise argparse.ArgumentTypeError(f"expected {what}, got {_shown(text)}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {_shown(text)}")
         return value
 
     return parse
 
 
-_positive = _int_at_least(1, "a positive integer")
-_non_negative = _int_at_least(0, "an integer >= 0")
+def _non_empty(what: str):
+    """An argparse type: a string that is not empty or blank."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{what} must not be {'blank' if text else 'empty'}")
+        return text
+
+    return parse
+
+
+_positive = _int_in(1, None, "a positive integer")
+_non_negative = _int_in(0, None, "an integer >= 0")
+MAX_SEED = 2**32 - 1  # torch and random take more, but seed + 1 must stay a valid seed too
+MAX_STEPS = 10**9  # years of training on any machine
+MAX_THREADS = 1024  # torch.set_num_threads overflows on absurd counts
+MAX_BEAM = 100  # each beam is one more decoded row; a date needs a handful at most
 
 
 def _build_parser() -> OneLineParser:
@@ -57,17 +80,27 @@ def _build_parser() -> OneLineParser:
         "ISO 8601, evaluate it on held-out dates, write metrics.json, a checkpoint, attention "
         "heatmaps and index.html.",
     )  # fmt: skip
-    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="default: runs/demo")
+    demo.add_argument(
+        "--out", type=_non_empty("a directory"), default="runs/demo", metavar="DIR",
+        help="default: runs/demo",
+    )  # fmt: skip
     demo.add_argument("--quick", action="store_true", help="a seconds-long run (tiny model)")
     demo.add_argument(
         "--arch", choices=("transformer", "rnn"), default=None,
         help="default transformer; rnn: the GRU encoder-decoder with additive attention",
     )  # fmt: skip
-    demo.add_argument("--seed", type=_non_negative, default=None, metavar="N", help="default 0")
-    demo.add_argument("--steps", type=_positive, default=None, metavar="N", help="default 800")
     demo.add_argument(
-        "--threads", type=_positive, default=None, metavar="N", help="default: timed, 1 or all"
-    )
+        "--seed", type=_int_in(0, MAX_SEED, f"an integer in [0, {MAX_SEED}]"), default=None,
+        metavar="N", help="default 0",
+    )  # fmt: skip
+    demo.add_argument(
+        "--steps", type=_int_in(1, MAX_STEPS, f"an integer in [1, {MAX_STEPS:,}]"),
+        default=None, metavar="N", help="default 800",
+    )  # fmt: skip
+    demo.add_argument(
+        "--threads", type=_int_in(1, MAX_THREADS, f"an integer in [1, {MAX_THREADS}]"),
+        default=None, metavar="N", help="default: timed, 1 or all",
+    )  # fmt: skip
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument(
         "--resume", action="store_true",
@@ -85,11 +118,23 @@ def _build_parser() -> OneLineParser:
 
     tr = sub.add_parser(
         "translate", help="translate written dates with a demo checkpoint",
-        description="Print the ISO 8601 translation of each TEXT.",
+        description="Print the ISO 8601 translation of each TEXT and how sure the model is: "
+        "the probability of the decoded sequence, with a warning when it is low or when TEXT "
+        "is unlike anything the model was trained on (docs/translate.md).",
     )  # fmt: skip
     tr.add_argument("texts", nargs="+", metavar="TEXT", help="a written date, e.g. '7 March 2019'")
-    tr.add_argument("--checkpoint", required=True, metavar="PATH", help="e.g. runs/demo/model.pt")
-    tr.add_argument("--beam", type=_positive, default=1, metavar="N", help="beams (default 1)")
+    tr.add_argument(
+        "--checkpoint", type=_non_empty("a checkpoint path"), required=True, metavar="PATH",
+        help="e.g. runs/demo/model.pt",
+    )  # fmt: skip
+    tr.add_argument(
+        "--beam", type=_int_in(1, MAX_BEAM, f"an integer in [1, {MAX_BEAM}]"), default=1,
+        metavar="N", help="beams (default 1: greedy)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--json", action="store_true",
+        help='print [{"input", "output", "valid_date", "confidence", "warning"}] for scripts',
+    )  # fmt: skip
 
     sh = sub.add_parser(
         "shapes", help="walk one multi-head self-attention call: shapes, FLOPs, memory",
@@ -124,6 +169,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.deterministic and args.threads is None:
         overrides["threads"] = 1  # a fixed count: the ThreadChooser's switches reorder sums
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if problem := _unwritable_dir(args.out):  # before training, not after it
+        return _fail("qkv demo", f"--out {problem}")
     try:
         run_demo(args.out, quick=args.quick, config=config, progress=not args.no_progress,
                  resume=args.resume, checkpoint_every=args.checkpoint_every)  # fmt: skip
@@ -146,34 +193,68 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unwritable_dir(out: str) -> str | None:
+    """Why the output directory `out` cannot be written, or None (it is created if need be)."""
+    import os
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return f"{out} is a file, not a directory: give a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{out} cannot be created ({e.strerror or e}): give a writable directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{out} is not writable: give a writable directory"
+    return None
+
+
+def _percent(p: float) -> str:
+    """0.99996 -> '>99.9%' (never a rounded 100% for a probability below 1)."""
+    text = f"{p:.1%}"
+    return ">99.9%" if p < 1 and text == "100.0%" else text
+
+
 def _translate(args: argparse.Namespace) -> int:
-    from datetime import date
+    import json
 
-    from .demo import (
-        CheckpointError,
-        UnknownCharacterError,
-        display_width,
-        load_checkpoint,
-        pad,
-        translate,
-    )
+    from .demo import CheckpointError, display_width, load_checkpoint, pad
+    from .demo.confidence import MAX_INPUT_CHARS, translate_with_confidence
 
+    texts = args.texts
+    for i, text in enumerate(texts):  # the cheap checks first, then the checkpoint
+        which = "TEXT" if len(texts) == 1 else f"TEXT #{i + 1}"
+        if not text.strip():
+            kind = "blank" if text else "empty"
+            return _fail("qkv translate", f"{which} is {kind}: give a written date, e.g. "
+                         "'7 March 2019'")  # fmt: skip
+        if len(text) > MAX_INPUT_CHARS:
+            return _fail("qkv translate", f"{which} has {len(text):,} characters, more than the "
+                         f"{MAX_INPUT_CHARS:,} read: a written date has fewer than 30")  # fmt: skip
     try:
         ckpt = load_checkpoint(args.checkpoint)
     except CheckpointError as e:
-        return _fail("qkv translate", str(e))
-    for text in args.texts:  # check all inputs before translating any
+        return _fail("qkv translate", f"--checkpoint: {e}")
+    for i, text in enumerate(texts):  # check all inputs before translating any
         if unknown := ckpt.src_vocab.unknown(text):
-            return _fail("qkv translate", str(UnknownCharacterError(unknown, text)))
-    outputs = translate(ckpt.model, args.texts, ckpt.src_vocab, ckpt.tgt_vocab, beam=args.beam)
-    width = max(display_width(t) for t in args.texts)
-    for text, iso in zip(args.texts, outputs, strict=True):
-        try:
-            date.fromisoformat(iso)
-            note = ""
-        except ValueError:
-            note = "  (not a calendar date)"
-        print(f"{pad(text, width)}  ->  {iso}{note}")
+            which = "TEXT" if len(texts) == 1 else f"TEXT #{i + 1}"
+            shown = " ".join(repr(c) for c in unknown[:10])
+            return _fail("qkv translate", f"{which} {_shown(text)} contains characters the "
+                         f"model has never seen: {shown}")  # fmt: skip
+    results = translate_with_confidence(
+        ckpt.model, texts, ckpt.src_vocab, ckpt.tgt_vocab, beam=args.beam
+    )
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+        return 0
+    shown = [t if len(t) <= 40 else t[:37] + "..." for t in texts]
+    width = max(display_width(t) for t in shown)
+    for text, r in zip(shown, results, strict=True):
+        note = "" if r.valid_date else "  (not a calendar date)"
+        warning = f"  ! warning: {r.warning}" if r.warning else ""
+        sure = f"{_percent(r.confidence):>6} sure"
+        print(f"{pad(text, width)}  ->  {r.output}  {sure}{note}{warning}")
     return 0
 
 

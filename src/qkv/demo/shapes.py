@@ -4,9 +4,12 @@ Letters: B batch, L sequence length, E model width, H query heads, G key/value h
 D = E / H head dim.
 
 The walk runs the real torch operations on the "meta" device, which computes shapes and
-allocates nothing, so any size can be walked; the shapes printed are the ones torch gives,
-and the FLOPs and bytes are the arithmetic beside them. A multiply-add counts as 2 FLOPs;
-the softmax is counted as 5 per score (max, subtract, exp, sum, divide).
+allocates nothing, so the shapes printed are the ones torch gives. Where even that fails (a
+tensor of more than 2**63 - 1 elements: torch cannot describe a billion-position score
+matrix) the shapes come from the same arithmetic a test checks against torch's at small
+sizes. FLOPs and bytes are Python integers, exact at any size, shown in units up to
+yottabytes. A multiply-add counts as 2 FLOPs; the softmax is counted as 5 per score (max,
+subtract, exp, sum, divide).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Walk:
     dtype: str
     steps: tuple[Step, ...]
     params: int  # weights and biases of the four projections
+    by_torch: bool = True  # shapes from torch's meta device (False: by arithmetic)
 
     @property
     def head_dim(self) -> int:
@@ -60,17 +64,63 @@ class Walk:
         return next(s.bytes for s in self.steps if s.name == "scores")
 
 
+TORCH_MAX = 2**63 - 1  # the most elements (and the longest dimension) a torch tensor holds
+
+
 def _check(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"--{name} must be a positive integer; got {value!r}")
+    if value > TORCH_MAX:
+        raise ValueError(
+            f"--{name} {value:.3g} is more than a tensor dimension can hold (2**63 - 1); "
+            "give a smaller value"
+        )
     return value
+
+
+def _shapes(B: int, L: int, E: int, H: int, G: int, D: int) -> list[tuple[int, ...]]:
+    """Every step's shape by arithmetic, in the order of `walk`'s steps."""
+    return [
+        (B, L, E), (B, L, H * D), (B, L, G * D), (B, L, G * D),  # x, q, k, v
+        (B, H, L, D), (B, G, L, D), (B, G, L, D),  # heads split
+        (B, H, L, L), (B, H, L, L), (B, H, L, D),  # scores, weights, weighted sum
+        (B, L, H * D), (B, L, E),  # heads merged, output
+    ]  # fmt: skip
+
+
+def _torch_shapes(B: int, L: int, E: int, H: int, G: int, D: int, dtype) -> list[tuple[int, ...]]:
+    """The same shapes as torch gives them, from the real operations on the "meta" device."""
+    meta = {"device": "meta", "dtype": dtype}
+    x = torch.empty(B, L, E, **meta)
+    w_q, w_kv = torch.empty(H * D, E, **meta), torch.empty(G * D, E, **meta)
+    q = F.linear(x, w_q)  # (B, L, E)
+    k = F.linear(x, w_kv)  # (B, L, G·D)
+    v = F.linear(x, w_kv)  # (B, L, G·D)
+    qh = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
+    kh = k.view(B, L, G, D).transpose(1, 2)  # (B, G, L, D)
+    vh = v.view(B, L, G, D).transpose(1, 2)  # (B, G, L, D)
+    # Grouped-query: each k/v head serves H/G query heads (a broadcast, not a copy).
+    k_h = kh[:, :, None].expand(B, G, H // G, L, D).reshape(B, H, L, D)  # (B, H, L, D)
+    v_h = vh[:, :, None].expand(B, G, H // G, L, D).reshape(B, H, L, D)  # (B, H, L, D)
+    scores = qh @ k_h.transpose(-2, -1)  # (B, H, L, L)
+    weights = torch.softmax(scores, dim=-1)  # (B, H, L, L)
+    out = weights @ v_h  # (B, H, L, D)
+    merged = out.transpose(1, 2).reshape(B, L, H * D)  # (B, L, E)
+    y = F.linear(merged, torch.empty(E, H * D, **meta))  # (B, L, E)
+    tensors = (x, q, k, v, qh, kh, vh, scores, weights, out, merged, y)
+    return [tuple(t.shape) for t in tensors]
 
 
 def walk(
     batch: int, length: int, dim: int, heads: int, kv_heads: int | None = None,
-    dtype: str = "float32",
+    dtype: str = "float32", *, use_torch: bool | None = None,
 ) -> Walk:  # fmt: skip
-    """Walk one self-attention call of `qkv.MultiHeadAttention(dim, heads, num_kv_heads=...)`."""
+    """Walk one self-attention call of `qkv.MultiHeadAttention(dim, heads, num_kv_heads=...)`.
+
+    The shapes come from torch's meta device when torch can describe every tensor (at most
+    2**63 - 1 elements each), by arithmetic otherwise (`use_torch` forces one or the other;
+    arithmetic always works). FLOPs and bytes are Python integers: exact at any size.
+    """
     B, L, E, H = (_check(n, v) for n, v in (("batch", batch), ("length", length),
                                             ("dim", dim), ("heads", heads)))  # fmt: skip
     G = H if kv_heads is None else _check("kv-heads", kv_heads)
@@ -81,49 +131,36 @@ def walk(
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     D = E // H
-    meta = {"device": "meta", "dtype": DTYPES[dtype]}
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
-
-    def step(name: str, code: str, t: torch.Tensor, flops: int, view: bool = False) -> Step:
-        return Step(name, code, tuple(t.shape), flops, t.numel() * size, view)
-
-    x = torch.empty(B, L, E, **meta)
-    w_q, w_kv = torch.empty(H * D, E, **meta), torch.empty(G * D, E, **meta)
-    steps = [step("input", "x", x, 0)]
-    q = F.linear(x, w_q)  # (B, L, E)
-    k = F.linear(x, w_kv)  # (B, L, G·D)
-    v = F.linear(x, w_kv)  # (B, L, G·D)
-    steps += [
-        step("project q", "q = x @ W_q.T + b_q", q, 2 * B * L * E * H * D + B * L * H * D),
-        step("project k", "k = x @ W_k.T + b_k", k, 2 * B * L * E * G * D + B * L * G * D),
-        step("project v", "v = x @ W_v.T + b_v", v, 2 * B * L * E * G * D + B * L * G * D),
-    ]
-    q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
-    k = k.view(B, L, G, D).transpose(1, 2)  # (B, G, L, D)
-    v = v.view(B, L, G, D).transpose(1, 2)  # (B, G, L, D)
+    shapes = _shapes(B, L, E, H, G, D)
+    fits = max(math.prod(s) for s in shapes) <= TORCH_MAX
+    if use_torch is None:
+        use_torch = fits
+    elif use_torch and not fits:
+        raise ValueError("use_torch=True, but the (B, H, L, L) scores are too large for torch")
+    if use_torch:
+        shapes = _torch_shapes(B, L, E, H, G, D, DTYPES[dtype])
     split = "q.view(B, L, H, D).transpose(1, 2)"
-    steps += [
-        step("split q heads", split, q, 0, view=True),
-        step("split k heads", split.replace("q", "k").replace("H", "G"), k, 0, view=True),
-        step("split v heads", split.replace("q", "v").replace("H", "G"), v, 0, view=True),
+    what = [  # name, code, FLOPs, view
+        ("input", "x", 0, False),
+        ("project q", "q = x @ W_q.T + b_q", 2 * B * L * E * H * D + B * L * H * D, False),
+        ("project k", "k = x @ W_k.T + b_k", 2 * B * L * E * G * D + B * L * G * D, False),
+        ("project v", "v = x @ W_v.T + b_v", 2 * B * L * E * G * D + B * L * G * D, False),
+        ("split q heads", split, 0, True),
+        ("split k heads", split.replace("q", "k").replace("H", "G"), 0, True),
+        ("split v heads", split.replace("q", "v").replace("H", "G"), 0, True),
+        ("scores", "s = q @ k.transpose(-2, -1) / sqrt(D)", 2 * B * H * L * L * D, False),
+        ("softmax", "w = softmax(s, dim=-1)", 5 * B * H * L * L, False),
+        ("weighted sum", "o = w @ v", 2 * B * H * L * L * D, False),
+        ("merge heads", "o.transpose(1, 2).reshape(B, L, E)", 0, False),
+        ("project out", "y = o @ W_o.T + b_o", 2 * B * L * H * D * E + B * L * E, False),
     ]
-    # Grouped-query: each k/v head serves H/G query heads (a broadcast, not a copy).
-    k_h = k[:, :, None].expand(B, G, H // G, L, D).reshape(B, H, L, D)  # (B, H, L, D)
-    v_h = v[:, :, None].expand(B, G, H // G, L, D).reshape(B, H, L, D)  # (B, H, L, D)
-    scores = q @ k_h.transpose(-2, -1)  # (B, H, L, L)
-    weights = torch.softmax(scores, dim=-1)  # (B, H, L, L)
-    out = weights @ v_h  # (B, H, L, D)
-    merged = out.transpose(1, 2).reshape(B, L, H * D)  # (B, L, E)
-    y = F.linear(merged, torch.empty(E, H * D, **meta))  # (B, L, E)
-    steps += [
-        step("scores", "s = q @ k.transpose(-2, -1) / sqrt(D)", scores, 2 * B * H * L * L * D),
-        step("softmax", "w = softmax(s, dim=-1)", weights, 5 * B * H * L * L),
-        step("weighted sum", "o = w @ v", out, 2 * B * H * L * L * D),
-        step("merge heads", "o.transpose(1, 2).reshape(B, L, E)", merged, 0),
-        step("project out", "y = o @ W_o.T + b_o", y, 2 * B * L * H * D * E + B * L * E),
-    ]
+    steps = tuple(
+        Step(name, code, shape, flops, math.prod(shape) * size, view)
+        for (name, code, flops, view), shape in zip(what, shapes, strict=True)
+    )
     params = (E * H * D + H * D) + 2 * (E * G * D + G * D) + (H * D * E + E)
-    return Walk(B, L, E, H, G, dtype, tuple(steps), params)
+    return Walk(B, L, E, H, G, dtype, steps, params, by_torch=use_torch)
 
 
 def _human(n: float, base: int, units: tuple[str, ...]) -> str:
@@ -137,12 +174,12 @@ def _human(n: float, base: int, units: tuple[str, ...]) -> str:
 
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
-    return _human(n, 1024, (" B", " KiB", " MiB", " GiB", " TiB", " PiB"))
+    return _human(n, 1024, (" B", " KiB", " MiB", " GiB", " TiB", " PiB", " EiB", " ZiB", " YiB"))
 
 
 def human_count(n: float) -> str:
     """12_300_000 -> '12.3 M'."""
-    return _human(n, 1000, ("", " K", " M", " G", " T", " P"))
+    return _human(n, 1000, ("", " K", " M", " G", " T", " P", " E", " Z", " Y"))
 
 
 def _tuple(shape: tuple[int, ...]) -> str:
@@ -160,12 +197,21 @@ def format_walk(w: Walk) -> str:
         + (f"G={G} key/value heads, " if G != H else "")
         + f"{w.dtype} ({size} bytes per number)",
         "",
-        f"{'step':<14} {'what it computes':<39} {'shape':<22} {'FLOPs':>9}  {'memory'}",
     ]
+    if not w.by_torch:
+        lines.append(
+            "shapes by arithmetic: the (B, H, L, L) scores would have "
+            f"{w.scores_bytes // size:.3g} elements, more than a torch tensor holds (2**63 - 1)"
+        )
+    wide = max(22, *(len(_tuple(s.shape)) for s in w.steps))
+    lines.append(
+        f"{'step':<14} {'what it computes':<39} {'shape':<{wide}} {'FLOPs':>9}  {'memory'}"
+    )
     for s in w.steps:
         flops = human_count(s.flops) if s.flops else "-"
         memory = human_bytes(s.bytes) + (" (view)" if s.view else "")
-        lines.append(f"{s.name:<14} {s.code:<39} {_tuple(s.shape):<22} {flops:>9}  {memory}")
+        shape = _tuple(s.shape)
+        lines.append(f"{s.name:<14} {s.code:<39} {shape:<{wide}} {flops:>9}  {memory}")
     scores, total, one_head = w.scores_bytes, w.flops, 2 * B * L * L * E
     lines += [
         "",
