@@ -2,7 +2,7 @@
 
     qkv demo [--out DIR] [--quick] [--resume]   train the date translator, write heatmaps
     qkv translate TEXT... --checkpoint PATH [--beam N] [--json]   with how sure it is
-    qkv shapes --batch N --length L --dim E --heads H [--kv-heads G] [--dtype D]
+    qkv shapes [--batch N] --length L --dim E --heads H [--kv-heads G] [--dtype D]
     qkv bench [...]                              qkv against torch's attention (qkv.bench)
 
 Exit codes: 0 success, 2 for anything the user can fix (a usage error, an empty or blank
@@ -141,7 +141,7 @@ def _build_parser() -> OneLineParser:
         description="Every tensor of one multi-head self-attention call, as a shape tuple, "
         "with the FLOPs and memory of each step.",
     )  # fmt: skip
-    sh.add_argument("--batch", type=_positive, required=True, metavar="N", help="B")
+    sh.add_argument("--batch", type=_positive, default=1, metavar="N", help="B (default 1)")
     sh.add_argument("--length", type=_positive, required=True, metavar="L", help="positions")
     sh.add_argument("--dim", type=_positive, required=True, metavar="E", help="model width")
     sh.add_argument("--heads", type=_positive, required=True, metavar="H", help="query heads")

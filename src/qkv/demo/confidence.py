@@ -16,7 +16,8 @@ docs/translate.md.
 Out of distribution. A confident answer to an input unlike every training input still
 means nothing, so `input_warnings` also flags an input that is longer than any written
 form of the task, one whose characters mostly sit where no training input has them
-(`seen_at_position`), and one with no digit and no month name at all.
+(`seen_at_position`), one whose characters mostly follow each other as in no training
+input (`pairs_seen`: reversed or garbled text), and one with no digit and no month name.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from functools import lru_cache
+from itertools import pairwise
 
 import torch
 
@@ -40,6 +42,7 @@ __all__ = [
     "heldout_confidences",
     "input_warnings",
     "longest_input",
+    "pairs_seen",
     "seen_at_position",
     "token_probabilities",
     "translate_with_confidence",
@@ -110,6 +113,14 @@ def seen_at_position() -> tuple[frozenset[str], ...]:
     return tuple(frozenset(s) for s in seen)
 
 
+@lru_cache(maxsize=1)
+def pairs_seen() -> frozenset[tuple[str, str]]:
+    """Pairs of character classes that stand side by side in some written form of the task."""
+    return frozenset(
+        (_char_class(a), _char_class(b)) for text in _task_inputs() for a, b in pairwise(text)
+    )
+
+
 def longest_input() -> int:
     """The most characters a written form of the task has (any training input is shorter)."""
     return len(seen_at_position())
@@ -130,6 +141,13 @@ def input_warnings(text: str) -> list[str]:
     if text and unseen * 2 > len(text):
         warnings.append(
             f"{unseen:,} of its {len(text):,} characters stand where no training input has them"
+        )
+    pairs, known = list(pairwise(text)), pairs_seen()
+    odd = sum((_char_class(a), _char_class(b)) not in known for a, b in pairs)
+    if pairs and odd * 2 >= len(pairs):
+        warnings.append(
+            f"{odd:,} of its {len(pairs):,} neighbouring characters never follow each other in "
+            "training inputs"
         )
     return warnings
 
@@ -178,6 +196,19 @@ def token_probabilities(model, src_ids: torch.Tensor, out_ids: torch.Tensor) -> 
 
 
 @torch.no_grad()
+def _decode(model, texts: Sequence[str], src: Vocab, beam: int) -> list[tuple[list[int], float]]:
+    """(decoded ids, confidence) per text, decoded as one batch."""
+    tokens = _encode_batch(texts, src)  # (B, S)
+    max_new = TARGET_LEN + 1  # ten characters and EOS
+    if beam > 1:
+        out = beam_search(model, tokens, max_new_tokens=max_new, num_beams=beam).tokens
+    else:
+        out = greedy(model, tokens, max_new_tokens=max_new)  # (B, 1 + n)
+    confidence = token_probabilities(model, tokens, out).prod(dim=1)  # (B,)
+    return list(zip(out.tolist(), confidence.tolist(), strict=True))
+
+
+@torch.no_grad()
 def translate_with_confidence(
     model, texts: Sequence[str], src: Vocab, tgt: Vocab, *, beam: int = 1,
     threshold: float = LOW_CONFIDENCE,
@@ -186,20 +217,24 @@ def translate_with_confidence(
 
     A translation warns when its confidence is below `threshold`, and for inputs outside
     the training distribution (`input_warnings`). Raises UnknownCharacterError for
-    characters outside `src`.
+    characters outside `src`. Inputs of a date's length go as one batch, longer ones one
+    by one (padding a batch to one long input would cost a masked (B, H, S, S) score
+    matrix per layer instead of the fused kernel).
     """
     if not texts:
         return []
     model.eval()
-    tokens = _encode_batch(texts, src)  # (B, S)
-    max_new = TARGET_LEN + 1  # ten characters and EOS
-    if beam > 1:
-        out = beam_search(model, tokens, max_new_tokens=max_new, num_beams=beam).tokens
-    else:
-        out = greedy(model, tokens, max_new_tokens=max_new)  # (B, 1 + n)
-    confidence = token_probabilities(model, tokens, out).prod(dim=1).tolist()  # (B,)
+    short = [i for i, t in enumerate(texts) if len(t) <= longest_input()]
+    batches = [short] if short else []
+    batches += [[i] for i, t in enumerate(texts) if len(t) > longest_input()]
+    decoded: dict[int, tuple[list[int], float]] = {}
+    for batch in batches:
+        decoded.update(
+            zip(batch, _decode(model, [texts[i] for i in batch], src, beam), strict=True)
+        )
     results = []
-    for text, row, c in zip(texts, out.tolist(), confidence, strict=True):
+    for i, text in enumerate(texts):
+        row, c = decoded[i]
         output = tgt.decode(row)
         warnings = input_warnings(text)
         if c < threshold:
