@@ -133,6 +133,8 @@ ATTENTION_WEIGHTS = [
     Bad("qkv.attention_weights", "rows str", lambda: qkv.attention_weights(Q, K, rows="0"), r"\brows\b"),
     Bad("qkv.attention_weights", "causal str", lambda: qkv.attention_weights(Q, K, causal="yes"), r"causal must be a bool"),
     Bad("qkv.attention_weights", "scale inf", lambda: qkv.attention_weights(Q, K, scale=math.inf), r"scale must be finite"),
+    Bad("qkv.check", "obj int", lambda: qkv.check(42), r"\bobj must be"),
+    Bad("qkv.check", "init for a function", lambda: qkv.check(lambda q, k, v: q, d_model=8), r"init values \['d_model'\].*not a class"),
 ]  # fmt: skip
 
 EXPLAIN = [
@@ -594,6 +596,7 @@ if qdist is not None:
 NOT_AUDITED = {
     "qkv.AttentionOutput": "frozen result dataclass, built only by the kernels",
     "qkv.KernelChoice": "frozen result dataclass returned by qkv.explain",
+    "qkv.CheckReport": "frozen result dataclass returned by qkv.check",
     "qkv.masks.EMPTY": "tile-kind constant",
     "qkv.masks.FULL": "tile-kind constant",
     "qkv.masks.PARTIAL": "tile-kind constant",
@@ -696,6 +699,12 @@ CLI_CASES = [
     (["demo", "--threads", "-1"], r"--threads", None),
     (["demo", "--bogus"], r"--bogus", None),
     (["bench", "--bogus"], r"--bogus", None),
+    (["check"], r"FILE", None),
+    (["check", "f.py", "--init", "d_model"], r"--init.*KEY=VALUE", None),
+    (["check", "f.py", "--init", "act=relu"], r"--init.*Python literal", None),
+    (["check", "f.py", "--lang", "fr"], r"--lang.*fr", None),
+    (["check", "f.py", "--timeout", "0"], r"--timeout", None),
+    (["check", "f.py", "--json", "--bogus"], r"--bogus", None),
     (["bench", "--repeats", "-1"], r"--repeats", None),
     (["bench", "--repeats", "0", "--quick"], r"--repeats", None),
 ]  # fmt: skip

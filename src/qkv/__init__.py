@@ -10,16 +10,19 @@ out, w, lse = qkv.attention(q, k, v, mask=qkv.masks.window(16), return_weights=T
 from . import distributed, interop, masks, nn
 from . import numpy as numpy  # the float64 NumPy reference: qkv.numpy.attention_forward
 from ._types import AttentionOutput
+from .check import CheckReport, check
 from .functional import attention, attention_weights, explain
 from .kernels import KernelChoice
 from .nn import MultiHeadAttention
 
 __all__ = [
     "AttentionOutput",
+    "CheckReport",
     "KernelChoice",
     "MultiHeadAttention",
     "attention",
     "attention_weights",
+    "check",
     "distributed",
     "explain",
     "interop",

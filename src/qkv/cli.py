@@ -4,6 +4,7 @@
     qkv translate TEXT... --checkpoint PATH [--beam N] [--json]   with how sure it is
     qkv shapes [--batch N] --length L --dim E --heads H [--kv-heads G] [--dtype D]
     qkv bench [...]                              qkv against torch's attention (qkv.bench)
+    qkv check FILE[:NAME] [--init K=V ...] [--json] [--lang en|zh]   grade hand-written attention
 
 Exit codes: 0 success, 2 for anything the user can fix (a usage error, an empty or blank
 TEXT, an unreadable checkpoint, characters the model has never seen, an --out that cannot
@@ -155,6 +156,9 @@ def _build_parser() -> OneLineParser:
         "bench", help="measure qkv against torch's attention (options: qkv bench --help)",
         add_help=False,
     )  # fmt: skip
+    from .check.cli import add_parser as add_check_parser
+
+    add_check_parser(sub)
     return parser
 
 
@@ -281,6 +285,12 @@ def _bench(argv: list[str]) -> int:
     return int(bench.main(argv) or 0)
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .check.cli import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `qkv` command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -291,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed
         return e.code if isinstance(e.code, int) else USAGE_ERROR
-    handlers = {"demo": _demo, "translate": _translate, "shapes": _shapes}
+    handlers = {"demo": _demo, "translate": _translate, "shapes": _shapes, "check": _check}
     return handlers[args.command](args)
 
 
