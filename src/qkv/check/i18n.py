@@ -22,9 +22,10 @@ _TEXT = {
         "mask convention found: 1/True = masked (hidden)",
         "推断出的 mask 约定：1/True = 被遮住（屏蔽）",
     ),
-    "skip": ("skipped", "跳过"),
+    "skipped": ("  (skipped: {why})", "  （跳过：{why}）"),
     "line": (" (line {line})", "（第 {line} 行）"),
     "fix": ("Fix: ", "改法："),
+    "see": ("See: ", "参见："),
     "all_pass": (
         "All applicable checks pass: it matches qkv.attention.",
         "所有适用的检查都通过：结果与 qkv.attention 一致。",
@@ -106,10 +107,10 @@ _MESSAGES = {
         "在输出投影之前）。用 -1e9 填充会让这一行的分数全部相等。",
     ),
     "shared-projection": (
-        "Changing the weights of `{name}` (the {role} projection) does not change the output "
+        "Changing the weights of {name} (the {role} projection) does not change the output "
         "at all: the {role_words} do not go through their own projection (another layer, "
         "usually the query's, is reused).",
-        "改变 `{name}`（{role_zh} 投影）的权重，输出完全不变：{role_zh}没有经过自己的"
+        "改变 {name}（{role_zh} 投影）的权重，输出完全不变：{role_zh}没有经过自己的"
         "投影层（复用了别的层，通常是 query 的）。",
     ),
     "heads-split-on-sequence": (
@@ -232,9 +233,10 @@ def text(key: str, lang: str, **values: Any) -> str:
 def finding_message(fid: str, data: dict[str, Any], lang: str) -> str:
     """The paragraph for finding `fid`, filled with the numbers in `data`."""
     values = {"what_zh": _WORDS_ZH.get(data.get("what", ""), ""), **data}
-    role = data.get("role", "")
-    values.setdefault("role_words", _ROLE_WORDS.get(role, role))
-    values.setdefault("role_zh", _WORDS_ZH.get(role, role))
+    roles = [r for r in data.get("role", "").split(",") if r]
+    values.setdefault("role_words", " and ".join(_ROLE_WORDS.get(r, r) for r in roles))
+    values.setdefault("role_zh", "、".join(_WORDS_ZH.get(r, r) for r in roles))
+    values["role"] = "/".join(roles)
     if "evidence" in data:
         values["evidence"], values["evidence_zh"] = _evidence(data)
     key = "wrong-output-case" if fid == "wrong-output" and data.get("err") is None else fid

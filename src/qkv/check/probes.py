@@ -217,9 +217,12 @@ class _Run:
             if role == "o":
                 self.wrong_hints.append("unused")
                 self.wrong_data["name"] = p.name
-            elif "shared-projection" not in self.findings:
-                line = self._reuse_line(h.named, p)
-                self.fail("shared-projection", {"name": p.name, "role": role}, line)
+        qkv_unused = [(p, role) for p, role in unused if role != "o"]
+        if qkv_unused:
+            names = ", ".join(dict.fromkeys(p.name for p, _ in qkv_unused))
+            roles = ",".join(role for _, role in qkv_unused)
+            line = self._reuse_line(h.named, qkv_unused[0][0])
+            self.fail("shared-projection", {"name": names, "role": roles}, line)
         self.ok("shared-projection")
 
     def _reuse_line(self, named, unused) -> int | None:
@@ -368,6 +371,8 @@ class _Run:
             alt = _err(r.out, out)
             if alt > tol or self._weights_err(r, w) > 1e-5:
                 continue
+            if variant != "width-scale":
+                self.skip("wrong-output", "explained")
             data = {"err": err, "alt": alt, "d": d, "inv": d**-0.5}
             if variant == "no-scaling":
                 return self.fail("no-scaling", data)

@@ -27,6 +27,14 @@ IDS = (
 )
 STATUSES = ("pass", "fail", "skip")
 DOCS = "docs/pitfalls.md, docs/check.md"
+_PITFALLS = {  # the finding -> its section of docs/pitfalls.md
+    "global-max-softmax": "1-one-max-for-the-whole-matrix-instead-of-one-per-row",
+    "scale-after-softmax": "2-scaling-by-1sqrtd_k-after-the-softmax",
+    "shared-projection": "3-projecting-keys-and-values-with-the-querys-layer",
+    "masked-row-uniform": "4-an-all-false-mask-filled-with--1e9-silently-uniform-weights",
+    "future-leak": "5-a-decoder-that-is-a-stack-of-encoder-layers",
+    "heads-split-on-sequence": "6-splitting-heads-along-the-sequence-axis",
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,15 @@ class Finding:
     def message(self, lang: str = "en") -> str:
         """One paragraph: what the probe saw, with its numbers, and the fix."""
         return finding_message(self.id, self.data, lang)
+
+    @property
+    def docs(self) -> list[str]:
+        """Where the mistake is explained: docs/check.md (how the probe decides) and, for
+        the six pitfalls of the notes, docs/pitfalls.md."""
+        pages = [f"docs/check.md#{self.id}"]
+        if self.id in _PITFALLS:
+            pages.insert(0, f"docs/pitfalls.md#{_PITFALLS[self.id]}")
+        return pages
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,13 @@ class CheckReport:
             "target": self.target,
             "ok": self.ok,
             "findings": [
-                {"id": f.id, "message": f.message(lang), "line": f.line, "data": f.data}
+                {
+                    "id": f.id,
+                    "message": f.message(lang),
+                    "line": f.line,
+                    "docs": f.docs,
+                    "data": f.data,
+                }
                 for f in self.findings
             ],
             "checks": [{"id": c.id, "status": c.status} for c in self.checks],
@@ -104,12 +127,13 @@ class CheckReport:
         lines.append("")
         marks = {"pass": "✓", "fail": "✗", "skip": "–"}
         for c in self.checks:
-            why = f"  ({text('skip', lang)}: {text(c.why, lang)})" if c.status == "skip" else ""
+            why = text("skipped", lang, why=text(c.why, lang)) if c.status == "skip" else ""
             lines.append(f"  {marks[c.status]} {c.id}{why}")
         for f in self.findings:
             where = text("line", lang, line=f.line) if f.line else ""
             lines += ["", f"✗ {f.id}{where}", "  " + f.message(lang)]
             lines.append("  " + text("fix", lang) + finding_fix(f.id, lang))
+            lines.append("  " + text("see", lang) + ", ".join(f.docs))
         lines.append("")
         if self.ok:
             lines.append(text("all_pass", lang))

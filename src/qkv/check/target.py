@@ -196,6 +196,7 @@ class Target:
         self.convention = "keep"
         self.no_mask: str = "none"  # how to call without a mask: "none" (None) or "all"
         self.lazy = _is_lazy(obj)
+        self.quiet_kwargs = _no_dropout(sig)
         self.heads = _heads(obj, init)
 
     # ---- conversion -------------------------------------------------------------------
@@ -264,6 +265,7 @@ class Target:
                 kwargs[self.mask_param] = self._mask_arg(torch.ones(lq, lk, dtype=torch.bool), lead)
         if self.causal_param is not None:  # not causal unless asked: a default of True is off
             kwargs[self.causal_param] = bool(causal)
+        kwargs.update(self.quiet_kwargs)
         if seed is not None:
             torch.manual_seed(seed)
             np.random.seed(seed)
@@ -316,6 +318,19 @@ class Target:
             return Path(self.path).read_text().splitlines()
         except OSError:
             return []
+
+
+def _no_dropout(sig: inspect.Signature) -> dict:
+    """A function's own dropout probability and training flag, turned off for the check."""
+    kwargs = {}
+    for p in sig.parameters.values():
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        if "drop" in p.name.lower() and isinstance(p.default, float):
+            kwargs[p.name] = 0.0
+        elif p.name in ("training", "train", "is_training") and isinstance(p.default, bool):
+            kwargs[p.name] = False
+    return kwargs
 
 
 @contextlib.contextmanager
