@@ -10,6 +10,8 @@ Rows marked `known=` are inputs the library does not validate today (it fails de
 torch, or returns a silently wrong result): they are strict xfails, listed in
 docs/robustness.md, and turn into failures once the library is fixed, so that the mark is
 removed with the fix.
+
+The command line has its own audit, tests/test_cli_audit.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -676,62 +677,3 @@ def test_the_audit_table_is_consistent():
         assert path not in entries, f"{path} is both excluded and audited"
     for entry in entries:
         assert callable(_resolve(entry)), entry
-
-
-# ---- the command line -----------------------------------------------------------------
-
-_SHAPES = ["shapes", "--batch", "2", "--length", "5", "--dim", "8", "--heads", "2"]
-
-CLI_CASES = [
-    # (argv, regex the one-line error must match: the option at fault, why it fails today)
-    ([], r"COMMAND|command", None),
-    (["frobnicate"], r"frobnicate", None),
-    (["shapes", "--batch", "0", *_SHAPES[3:]], r"--batch", None),
-    (["shapes", "--batch", "two", *_SHAPES[3:]], r"--batch.*two", None),
-    (_SHAPES[:5] + _SHAPES[7:], r"--dim", None),
-    ([*_SHAPES[:6], "10", "--heads", "3"], r"--dim.*--heads|--heads.*--dim", None),
-    ([*_SHAPES[:8], "4", "--kv-heads", "3"], r"--kv-heads", None),
-    ([*_SHAPES, "--dtype", "int8"], r"--dtype.*int8", None),
-    (["translate", "7 March 2019"], r"--checkpoint", None),
-    (["translate", "7 March 2019", "--checkpoint", "ckpt.pt", "--beam", "0"], r"--beam", None),
-    (["translate", "7 March 2019", "--checkpoint", "/nonexistent/model.pt"], r"/nonexistent/model.pt", None),
-    (["demo", "--steps", "0"], r"--steps", None),
-    (["demo", "--threads", "-1"], r"--threads", None),
-    (["demo", "--bogus"], r"--bogus", None),
-    (["bench", "--bogus"], r"--bogus", None),
-    (["check"], r"FILE", None),
-    (["check", "f.py", "--init", "d_model"], r"--init.*KEY=VALUE", None),
-    (["check", "f.py", "--init", "act=relu"], r"--init.*Python literal", None),
-    (["check", "f.py", "--lang", "fr"], r"--lang.*fr", None),
-    (["check", "f.py", "--timeout", "0"], r"--timeout", None),
-    (["check", "f.py", "--json", "--bogus"], r"--bogus", None),
-    (["bench", "--repeats", "-1"], r"--repeats", None),
-    (["bench", "--repeats", "0", "--quick"], r"--repeats", None),
-]  # fmt: skip
-
-
-def _cli_params():
-    for argv, match, known in CLI_CASES:
-        marks = [pytest.mark.xfail(strict=True, reason=known)] if known else []
-        yield pytest.param(argv, match, marks=marks, id=" ".join(argv) or "(no command)")
-
-
-@pytest.mark.parametrize("argv,match", list(_cli_params()))
-def test_cli_rejects_bad_options_with_one_line_and_exit_2(argv, match, capsys, monkeypatch):
-    cli = pytest.importorskip("qkv.cli")
-    bench = importlib.import_module("qkv.bench")
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError(f"`qkv {' '.join(argv)}` was accepted and started the benchmark")
-
-    monkeypatch.setattr(bench, "gemm_throughput", must_not_run)  # nothing slow may start
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, f"exit code {code!r}; stderr {err!r}"
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected a one-line message, got {err!r}"
-    assert lines[0].startswith("qkv") and "error" in lines[0] and "Traceback" not in err
-    assert re.search(match, lines[0]), lines[0]
