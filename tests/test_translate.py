@@ -28,7 +28,7 @@ from qkv.demo.confidence import (
     translate_with_confidence,
 )
 from qkv.demo.dates import FIRST_DATE, FORMS, LAST_DATE
-from qkv.demo.train import _encode_batch, prepare, train
+from qkv.demo.train import _encode_batch, build_model, prepare, train
 from qkv.nn import beam_search, greedy
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "translate.md"
@@ -62,9 +62,18 @@ def run(argv, capsys):
 # ---- the confidence itself -----------------------------------------------------------------
 
 
-def test_token_probabilities_equal_the_full_forward_pass(trained):
-    """Read through the KV-cached session = softmax of one teacher-forced forward pass."""
-    model, heldout, src, tgt, _ = trained
+@pytest.fixture(params=["trained", "rnn"])
+def any_model(request, trained):
+    """The trained Transformer, and an untrained GRU encoder-decoder (`--arch rnn`)."""
+    if request.param == "trained":
+        return trained[:4]
+    _, heldout, src, tgt, _ = trained
+    return build_model(dataclasses.replace(QUICK, arch="rnn"), src, tgt).eval(), heldout, src, tgt
+
+
+def test_token_probabilities_equal_the_full_forward_pass(any_model):
+    """Read through the decoding session = softmax of one teacher-forced forward pass."""
+    model, heldout, src, tgt = any_model
     tokens = _encode_batch([ex.source for ex in heldout[:16]], src)  # (B, S)
     out = greedy(model, tokens, max_new_tokens=11)  # (B, 1 + n)
     got = token_probabilities(model, tokens, out)  # (B, n)
