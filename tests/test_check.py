@@ -345,3 +345,23 @@ def test_json_form_and_chinese_text(one_thread):
     assert CheckReport.from_wire(json.loads(json.dumps(report.to_wire()))) == report
     with pytest.raises(ValueError, match="lang"):
         report.text("fr")
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_finding_points_to_sections_that_exist():
+    from qkv.check import Finding
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    anchors = {
+        "pitfalls.md": _anchors(docs / "pitfalls.md"),
+        "check.md": _anchors(docs / "check.md"),
+    }
+    for fid in IDS:
+        for page in Finding(fid).docs:
+            name, _, anchor = page.removeprefix("docs/").partition("#")
+            assert anchor in anchors[name], page

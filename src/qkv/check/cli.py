@@ -10,6 +10,7 @@ import argparse
 import ast
 import json
 import math
+import os
 import sys
 
 __all__ = ["add_parser", "run"]
@@ -79,5 +80,9 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"target": args.target, "ok": False, "error": reason,
                               "findings": [], "checks": []}, ensure_ascii=False))  # fmt: skip
         return 2
-    print(report.to_json(args.lang) if args.json else report.text(args.lang))
+    try:
+        print(report.to_json(args.lang) if args.json else report.text(args.lang))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `qkv check ... | head`: the reader left, the verdict stands
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if report.ok else 1

@@ -91,10 +91,10 @@ _MESSAGES = {
     ),
     "global-max-softmax": (
         "One query row has scores up to {score:.0f}, the others near 0: {bad} of {rows} "
-        "other rows come out NaN or wrong (error {err:.3g}). One maximum for the whole "
+        "other rows come out NaN or wrong. One maximum for the whole "
         "matrix makes every exp of those rows underflow to 0, and 0/0 = NaN.",
         "一行 query 的分数高达 {score:.0f}，其余行接近 0：其他 {rows} 行中有 {bad} 行变成 "
-        "NaN 或出错（误差 {err:.3g}）。对整个矩阵只减一个最大值，会让这些行的 exp 全部"
+        "NaN 或出错。对整个矩阵只减一个最大值，会让这些行的 exp 全部"
         "下溢为 0，而 0/0 = NaN。",
     ),
     "masked-row-uniform": (
@@ -238,7 +238,7 @@ def finding_message(fid: str, data: dict[str, Any], lang: str) -> str:
     values.setdefault("role_zh", "、".join(_WORDS_ZH.get(r, r) for r in roles))
     values["role"] = "/".join(roles)
     if "evidence" in data:
-        values["evidence"], values["evidence_zh"] = _evidence(data)
+        values["evidence"], values["evidence_zh"] = _evidence(fid, data)
     key = "wrong-output-case" if fid == "wrong-output" and data.get("err") is None else fid
     message = _pick(_MESSAGES[key], lang).format(**values)
     for hint in data.get("hints", ()):
@@ -250,7 +250,13 @@ def finding_fix(fid: str, lang: str) -> str:
     return _pick(_FIXES[fid], lang)
 
 
-def _evidence(data: dict[str, Any]) -> tuple[str, str]:
+_FORMULAS = {
+    "scale-after-softmax": ("softmax(QKᵀ)V/√d", "softmax(QKᵀ)V/√d"),
+    "softmax-axis": ("the softmax over the queries", "沿 query 做 softmax 的结果"),
+}
+
+
+def _evidence(fid: str, data: dict[str, Any]) -> tuple[str, str]:
     kind = data["evidence"]
     if kind == "row_sums":
         lo, hi = data["lo"], data["hi"]
@@ -264,7 +270,8 @@ def _evidence(data: dict[str, Any]) -> tuple[str, str]:
             f"权重每列之和为 1，每行之和为 {data['lo']:.3g}..{data['hi']:.3g}",
         )
     err, alt = data["err"], data["alt"]
+    en, zh = _FORMULAS[fid]
     return (
-        f"the output differs from qkv's by {err:.3g} but from that formula by {alt:.1g}",
-        f"输出与 qkv 相差 {err:.3g}，而与该公式只差 {alt:.1g}",
+        f"the output differs from qkv's by {err:.3g} but from {en} by only {alt:.1g}",
+        f"输出与 qkv 相差 {err:.3g}，而与 {zh} 只差 {alt:.1g}",
     )

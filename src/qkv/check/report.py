@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +105,7 @@ class CheckReport:
                     "message": f.message(lang),
                     "line": f.line,
                     "docs": f.docs,
-                    "data": f.data,
+                    "data": {k: _plain(v) for k, v in f.data.items()},
                 }
                 for f in self.findings
             ],
@@ -160,6 +161,13 @@ class CheckReport:
             call=d.get("call", ""),
             mask_convention=d.get("mask_convention"),
         )
+
+
+def _plain(value):
+    """JSON has no inf or NaN: those numbers are written as the strings "inf", "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _check_lang(lang: str) -> None:
