@@ -193,7 +193,7 @@ def _demo(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         return _fail("qkv demo", str(e))
     except OSError as e:
-        return _fail("qkv demo", f"cannot write to {args.out}: {e}")
+        return _fail("qkv demo", f"--out {args.out}: cannot write there ({e.strerror or e})")
     return 0
 
 
