@@ -118,6 +118,7 @@ VARIANTS = {
             return s.softmax(-1) @ v
         """,
         {"masked-row-uniform"},
+        "masked",
     ),
     "function_dropout": (
         """
@@ -236,14 +237,62 @@ VARIANTS = {
         """,
         set(),
     ),
+    # a key padding mask (B, T), 1 = real token
+    "key_padding_mask": (
+        """
+        import math, torch
+        from torch import nn
+        class PadAttention(nn.Module):
+            def __init__(self, d_model, num_heads):
+                super().__init__()
+                self.h = num_heads
+                self.q, self.k, self.v = (nn.Linear(d_model, d_model) for _ in range(3))
+            def forward(self, x, mask=None):
+                B, T, E = x.shape
+                q, k, v = (l(x).view(B, T, self.h, -1).transpose(1, 2) for l in (self.q, self.k, self.v))
+                s = q @ k.transpose(-2, -1) / math.sqrt(E // self.h)
+                if mask is not None:
+                    s = s.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+                return (s.softmax(-1).nan_to_num(0) @ v).transpose(1, 2).reshape(B, T, E)
+        """,
+        set(),
+        "keep",
+    ),
+    # BERT's additive attention_mask, a transpose_for_scores helper
+    "bert_additive_mask": (
+        """
+        import math, torch
+        from torch import nn
+        class BertSelfAttention(nn.Module):
+            def __init__(self, hidden_size, num_attention_heads, attention_probs_dropout_prob=0.1):
+                super().__init__()
+                self.num_attention_heads = num_attention_heads
+                self.head = hidden_size // num_attention_heads
+                self.query, self.key, self.value = (nn.Linear(hidden_size, hidden_size) for _ in range(3))
+                self.dropout = nn.Dropout(attention_probs_dropout_prob)
+            def transpose_for_scores(self, x):
+                return x.view(x.size()[:-1] + (self.num_attention_heads, self.head)).permute(0, 2, 1, 3)
+            def forward(self, hidden_states, attention_mask=None):
+                q, k, v = (self.transpose_for_scores(l(hidden_states)) for l in (self.query, self.key, self.value))
+                s = q @ k.transpose(-1, -2) / math.sqrt(self.head)
+                if attention_mask is not None:
+                    s = s + attention_mask
+                c = (self.dropout(s.softmax(-1)) @ v).permute(0, 2, 1, 3)
+                return c.reshape(c.shape[:2] + (-1,))
+        """,
+        set(),
+        "additive",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variants_outside_the_gallery(name, tmp_path, one_thread):
-    source, ids = VARIANTS[name]
+    source, ids, *convention = VARIANTS[name]
     report = check_spec(write(tmp_path, source), {})
     assert set(report.ids) == ids, report.text()
+    if convention:
+        assert report.mask_convention == convention[0]
 
 
 def test_scale_by_the_model_width_is_named_in_wrong_output(tmp_path, one_thread):

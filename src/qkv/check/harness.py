@@ -251,14 +251,15 @@ class Harness:
 
     def find_convention(self) -> str | None:
         """Which mask polarity the target uses, from what its output depends on under a
-        partial mask: "keep" (1/True = may attend), "masked", "ignored" or "odd"."""
+        partial mask: "keep" (1/True = may attend), "masked", "additive" (a float mask added
+        to the scores: 0 = may attend, -inf = hidden), "ignored" or "odd"."""
         x = self.inputs(seed=3)
         lq, lk = self.lengths(x)
-        keep = pattern(lq, lk)
-        shapes = ("full", "heads1", "plain") if self.t.is_module else ("full", "plain")
+        shapes = ("full", "heads1", "plain", "keys") if self.t.is_module else ("full", "plain")
         error = None
         for shape in shapes:
             self.t.mask_shape = shape
+            keep = self.pattern(lq, lk)
             try:
                 self.t.call(x, keep)
                 break
@@ -275,7 +276,19 @@ class Harness:
         if (dep == ~keep)[off].all():
             self.t.convention = "masked"
             return "masked"
+        self.t.convention = "additive"  # BERT's attention_mask: scores + mask
+        try:
+            if ((self.dependence(x, keep) > 0) == keep)[off].all():
+                return "additive"
+        except CheckError:
+            pass
+        self.t.convention = "keep"
         return "ignored" if dep[off].all() else "odd"
+
+    def pattern(self, lq: int, lk: int) -> torch.Tensor:
+        """The partial keep mask for this target: rows all equal for a key padding mask."""
+        keep = pattern(lq, lk)
+        return keep[:1].expand(lq, lk).clone() if self.t.mask_shape == "keys" else keep
 
 
 def pattern(lq: int, lk: int) -> torch.Tensor:

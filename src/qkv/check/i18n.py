@@ -22,6 +22,14 @@ _TEXT = {
         "mask convention found: 1/True = masked (hidden)",
         "推断出的 mask 约定：1/True = 被遮住（屏蔽）",
     ),
+    "convention_additive": (
+        "mask convention found: additive (added to the scores: 0 = may attend, -inf = hidden)",
+        "推断出的 mask 约定：加性（加到分数上：0 = 可以关注，-inf = 屏蔽）",
+    ),
+    "additive_mask": (
+        "an additive mask: the fill value is the caller's",
+        "加性 mask：填充值由调用者决定",
+    ),
     "skipped": ("  (skipped: {why})", "  （跳过：{why}）"),
     "line": (" (line {line})", "（第 {line} 行）"),
     "fix": ("Fix: ", "改法："),
@@ -44,6 +52,7 @@ _TEXT = {
     "shape_failed": ("the shapes are already wrong", "形状已经不对"),
     "unknown_convention": ("the mask's convention could not be found", "无法判断 mask 约定"),
     "explained": ("explained by another finding", "已由其他问题解释"),
+    "padding_mask": ("the mask is a key padding mask (N, Lk)", "mask 是按 key 的填充 mask (N, Lk)"),
     "call_raised": ("calling it this way raised an error", "这样调用时报错"),
 }
 

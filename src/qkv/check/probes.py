@@ -24,7 +24,7 @@ import re
 
 import torch
 
-from .harness import Harness, L, pattern
+from .harness import Harness, L
 from .loader import CheckError
 from .report import IDS, Check, CheckReport, Finding
 from .target import Target
@@ -114,7 +114,7 @@ class _Run:
     def run(self) -> CheckReport:
         h, t = self.h, self.t
         convention = h.find_convention() if t.mask_param else None
-        self.convention = convention if convention in ("keep", "masked") else None
+        self.convention = convention if convention in ("keep", "masked", "additive") else None
         if convention in ("ignored", "odd"):
             self.wrong_hints.append("mask_ignored" if convention == "ignored" else "mask_odd")
         self.detect_causal()
@@ -301,10 +301,14 @@ class _Run:
             return self.skip("masked-row-uniform", "unknown_convention")
         if not h.has_reference:
             return self.skip("masked-row-uniform", "no_weights")
+        if self.convention == "additive":  # the fill value is the caller's, not the code's
+            return self.skip("masked-row-uniform", "additive_mask")
         x = h.inputs(seed=9)
         lq, lk = h.lengths(x)
-        keep = pattern(lq, lk)
+        keep = h.pattern(lq, lk)
         keep[0] = False
+        if self.t.mask_shape == "keys":
+            keep[:] = False  # a padding mask hides keys from every query
         out = h.call(x, keep).out[..., 0, :]
         ref = h.reference(x, keep)[0][..., 0, :]
         alt = h.reference(x, keep, variant="masked-row-uniform")[0][..., 0, :]
@@ -321,6 +325,8 @@ class _Run:
         x = h.inputs(lq=L, lk=L)
         if t.causal_param:
             dep, how = h.dependence(x, causal=True), f"{t.causal_param}=True"
+        elif t.mask_param and self.convention and t.mask_shape == "keys":
+            return self.skip("future-leak", "padding_mask")
         elif t.mask_param and self.convention:
             dep, how = h.dependence(x, torch.ones(L, L, dtype=torch.bool).tril()), "a causal mask"
         elif says_causal or h.causal:
@@ -345,7 +351,7 @@ class _Run:
         calls = [(h.inputs(), None)]
         if self.convention:
             x = h.inputs(seed=3)
-            calls.append((x, pattern(*h.lengths(x))))
+            calls.append((x, h.pattern(*h.lengths(x))))
         for x, keep in calls:
             r = h.call(x, keep)
             ref, w = h.reference(x, keep)

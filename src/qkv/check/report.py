@@ -75,7 +75,8 @@ class CheckReport:
 
     `ok` is True when every applicable check passed. `call` says how the target was called
     (e.g. "f(q, k, v, mask): torch tensors (N, L, D)") and `mask_convention` which mask
-    polarity it uses ("keep": 1/True = may attend, "masked": 1/True = masked, or None).
+    polarity it uses ("keep": 1/True = may attend, "masked": 1/True = masked, "additive":
+    a float mask added to the scores, or None).
     """
 
     target: str

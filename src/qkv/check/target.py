@@ -232,10 +232,14 @@ class Target:
     def _mask_arg(self, keep: torch.Tensor, lead: tuple[int, ...]):
         """keep (Lq, Lk) True = may attend -> the learner's mask in its convention and shape."""
         m = keep if self.convention == "keep" else ~keep
+        if self.convention == "additive":  # added to the scores: 0 = may attend, -inf = hidden
+            m = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
         if self.mask_shape == "full":
             m = m.expand(*lead, *m.shape)
         elif self.mask_shape == "heads1":
             m = m.expand(lead[0], 1, *m.shape)
+        elif self.mask_shape == "keys":  # a key padding mask (N, Lk): its rows are all equal
+            m = m[0].expand(*lead[:1], m.shape[-1])
         return self._to(m.contiguous())
 
     # ---- calling ----------------------------------------------------------------------
