@@ -41,6 +41,7 @@ __all__ = [
     "Translation",
     "heldout_confidences",
     "input_warnings",
+    "is_calendar_date",
     "longest_input",
     "pairs_seen",
     "seen_at_position",
@@ -97,7 +98,8 @@ def _task_inputs() -> tuple[str, ...]:
     """Every form of every day of 2000-2006: all (weekday, month, day) combinations, so
     with digits in one class (`_char_class`) every position any form can put a character at
     (years only change digits, and two- and four-digit years keep their widths)."""
-    days = [date(2000, 1, 1) + timedelta(days=i) for i in range(7 * 366)]
+    first, end = date(2000, 1, 1), date(2007, 1, 1)
+    days = [first + timedelta(days=i) for i in range((end - first).days)]
     return tuple({form.render(d) for d in days for form in FORMS})
 
 
@@ -122,7 +124,7 @@ def pairs_seen() -> frozenset[tuple[str, str]]:
 
 
 def longest_input() -> int:
-    """The most characters a written form of the task has (any training input is shorter)."""
+    """The most characters a written form of the task has (no training input is longer)."""
     return len(seen_at_position())
 
 
