@@ -237,6 +237,15 @@ VARIANTS = {
         """,
         set(),
     ),
+    # the head dim as a parameter, as interview answers write it
+    "dim_parameter": (
+        """
+        import math, torch
+        def attention(Q, K, V, d_k):
+            return torch.softmax(Q @ K.transpose(-2, -1) / math.sqrt(d_k), dim=-1) @ V
+        """,
+        set(),
+    ),
     # a key padding mask (B, T), 1 = real token
     "key_padding_mask": (
         """

@@ -23,6 +23,7 @@ _ATTN = re.compile(r"attn|attention|atten|sdpa", re.I)
 _QKV_FIRST = re.compile(r"^(q|query|queries|k|key|keys|v|value|values|x|inputs?|h|hidden)", re.I)
 MASK_NAMES = re.compile(r"^(mask|attn_mask|attention_mask|masks|m|causal_mask)$", re.I)
 CAUSAL_NAMES = re.compile(r"^(causal|is_causal|use_causal_mask|autoregressive)$", re.I)
+DIM_NAMES = re.compile(r"^(d_k|dk|d|dim|head_dim|d_head|dim_k|key_dim)$", re.I)  # f(q, k, v, d_k)
 
 
 class CheckError(Exception):
@@ -102,9 +103,19 @@ def input_names(sig: inspect.Signature) -> list[str]:
             continue
         if MASK_NAMES.match(p.name) or CAUSAL_NAMES.match(p.name):
             continue
-        if p.default is p.empty:
+        if p.default is p.empty and not (names and DIM_NAMES.match(p.name)):
             names.append(p.name)
     return names
+
+
+def dim_names(sig: inspect.Signature) -> list[str]:
+    """Required parameters after the inputs that give the head dim: f(q, k, v, d_k)."""
+    inputs = input_names(sig)
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.default is p.empty and p.name not in inputs and DIM_NAMES.match(p.name)
+    ]
 
 
 def looks_like_attention(name: str, obj) -> bool:

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .loader import CAUSAL_NAMES, MASK_NAMES, CheckError, call_signature, input_names, learner_line
+from .loader import (
+    CAUSAL_NAMES,
+    MASK_NAMES,
+    CheckError,
+    call_signature,
+    dim_names,
+    input_names,
+    learner_line,
+)
 
 __all__ = ["HEADS", "WIDTH", "Result", "Target", "build"]
 
@@ -197,6 +205,7 @@ class Target:
         self.no_mask: str = "none"  # how to call without a mask: "none" (None) or "all"
         self.lazy = _is_lazy(obj)
         self.quiet_kwargs = _no_dropout(sig)
+        self.dim_params = dim_names(sig)
         self.heads = _heads(obj, init)
 
     # ---- conversion -------------------------------------------------------------------
@@ -270,6 +279,7 @@ class Target:
         if self.causal_param is not None:  # not causal unless asked: a default of True is off
             kwargs[self.causal_param] = bool(causal)
         kwargs.update(self.quiet_kwargs)
+        kwargs.update({name: int(inputs[0].shape[-1]) for name in self.dim_params})
         if seed is not None:
             torch.manual_seed(seed)
             np.random.seed(seed)
