@@ -5,6 +5,7 @@ The learner's prints go nowhere; the answer is {"report": ...} or {"error": "...
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import sys
@@ -21,7 +22,8 @@ def main() -> int:
         from .loader import CheckError
 
         try:
-            answer = {"report": check_spec(request["spec"], request["init"]).to_wire()}
+            init = ast.literal_eval(request["init"])
+            answer = {"report": check_spec(request["spec"], init).to_wire()}
         except CheckError as e:
             answer = {"error": str(e)}
     except BaseException as e:

@@ -80,7 +80,7 @@ def run_file(spec: str, init: dict, *, timeout: float = DEFAULT_TIMEOUT) -> Chec
     env.setdefault("OMP_NUM_THREADS", "1")
     root = str(Path(__file__).resolve().parents[2])  # the directory holding the qkv package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    request = json.dumps({"spec": spec, "init": init})
+    request = json.dumps({"spec": spec, "init": repr(init)})  # literals kept as they are
     try:
         done = subprocess.run(
             [sys.executable, "-m", "qkv.check._worker"],

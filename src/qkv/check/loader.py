@@ -148,8 +148,8 @@ def candidates(module: types.ModuleType) -> list[str]:
 
 def resolve(spec: str) -> tuple[Path, types.ModuleType, str, object]:
     """`FILE[:NAME]` -> (path, module, name, object); raises CheckError saying why not."""
-    path, _, name = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
-    if ":" in spec and not name:
+    path, name = spec, ""
+    if not Path(spec).is_file() and ":" in spec:
         path, _, name = spec.rpartition(":")
     module = load_file(path)
     if name:

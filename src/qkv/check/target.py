@@ -48,7 +48,10 @@ _HEADS = re.compile(
     r"^(heads|num_heads|n_heads|h|n_head|nhead|head_num|num_head|nheads|num_attention_heads)$",
     re.I,
 )
-HEAD_ATTRS = ("num_heads", "n_heads", "heads", "h", "n_head", "nhead", "head_num", "num_head")
+HEAD_ATTRS = (
+    "num_heads", "n_heads", "heads", "h", "n_head", "nhead", "nheads", "head_num", "num_head",
+    "num_attention_heads",
+)  # fmt: skip
 
 
 @dataclass
