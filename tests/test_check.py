@@ -237,6 +237,16 @@ VARIANTS = {
         """,
         set(),
     ),
+    # right output, but the weights it returns were divided by sqrt(d) after the softmax
+    "weights_scaled_after_softmax": (
+        """
+        import math, torch
+        def attention(q, k, v):
+            w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+            return w @ v, w / math.sqrt(q.shape[-1])
+        """,
+        {"scale-after-softmax"},
+    ),
     # the head dim as a parameter, as interview answers write it
     "dim_parameter": (
         """
