@@ -18,46 +18,18 @@ How each decides (docs/check.md has the same list for learners):
 
 from __future__ import annotations
 
-import ast
-import inspect
 import re
 
 import torch
 
 from .harness import Harness, L
+from .lines import LINES, SourceLines
 from .loader import CheckError
 from .report import IDS, Check, CheckReport, Finding
 from .target import Target
 from .weights import perturbed
 
 __all__ = ["run"]
-
-_LINES = {
-    "shape": r"^\s*return\b",
-    "no-scaling": r"matmul|bmm|einsum|@|\.dot\(|np\.dot",
-    "scale-after-softmax": r"(?i)softmax.*(sqrt|scale|norm|\*|/)|(sqrt|scale|/).*softmax",
-    "softmax-axis": r"softmax\(.*(dim|axis)\s*=|(sum|max)\(.*axis\s*=\s*(0|1|-2)",
-    "unstable-softmax": r"\bexp\(",
-    "global-max-softmax": r"\bmax\(|amax\(",
-    "masked-row-uniform": r"1e9|1e\+9|masked_fill|np\.where\(.*mask|-inf",
-    "heads-split-on-sequence": r"\.view\(|\.reshape\(|rearrange\(|np\.reshape\(",
-    "dropout-in-eval": r"dropout\(",
-    "future-leak": r"triu|tril|causal",
-}
-
-
-def _code_lines(lines: list[str]) -> list[str]:
-    """The file's lines with comments and docstrings blanked (they are not the mistake)."""
-    try:
-        tree = ast.parse("\n".join(lines))
-    except SyntaxError:
-        return lines
-    out = [line.split("#")[0] for line in lines]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            for i in range(node.lineno - 1, node.end_lineno or node.lineno):
-                out[i] = ""
-    return out
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,12 +47,7 @@ class _Run:
         self.findings: dict[str, Finding] = {}
         self.wrong_hints: list[str] = []
         self.wrong_data: dict = {}
-        self.lines = _code_lines(target.source_lines())
-        try:
-            src, start = inspect.getsourcelines(source_obj)
-            self.span = (start, start + len(src))
-        except (OSError, TypeError):
-            self.span = (1, len(self.lines) + 1)
+        self.lines = SourceLines(target.source_lines(), source_obj)
 
     # ---- bookkeeping --------------------------------------------------------------------
 
@@ -97,17 +64,8 @@ class _Run:
         if fid not in self.findings:
             self.findings[fid] = Finding(fid, data, line or self.line_of(fid))
 
-    def line_of(self, fid: str, pattern_: str | None = None) -> int | None:
-        regex = pattern_ or _LINES.get(fid)
-        if not regex or not self.lines:
-            return None
-        lo, hi = self.span
-        order = list(range(lo - 1, min(hi, len(self.lines)))) + list(range(len(self.lines)))
-        for i in order:
-            code = self.lines[i]
-            if re.search(regex, code) and not code.lstrip().startswith(("def ", "class ")):
-                return i + 1
-        return None
+    def line_of(self, fid: str, regex: str | None = None) -> int | None:
+        return self.lines.find(regex or LINES.get(fid))
 
     # ---- the probes -------------------------------------------------------------------------
 
