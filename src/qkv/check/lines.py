@@ -20,7 +20,7 @@ LINES = {  # the mistake -> the line of code that usually holds it
     "masked-row-uniform": r"1e9|1e\+9|masked_fill|np\.where\(.*mask|-inf",
     "heads-split-on-sequence": r"\.view\(|\.reshape\(|rearrange\(|np\.reshape\(",
     "dropout-in-eval": r"dropout\(",
-    "future-leak": r"triu|tril|causal",
+    "future-leak": (r"triu|tril", r"causal"),
 }
 
 
@@ -49,14 +49,16 @@ class SourceLines:
         except (OSError, TypeError):
             self.span = (1, len(self.lines) + 1)
 
-    def find(self, regex: str | None) -> int | None:
-        """1-based number of the first matching line (def/class lines never), or None."""
+    def find(self, regex: str | tuple[str, ...] | None) -> int | None:
+        """1-based number of the first matching line (def/class lines never), or None;
+        a tuple of patterns is tried in order."""
         if not regex or not self.lines:
             return None
         lo, hi = self.span
         order = list(range(lo - 1, min(hi, len(self.lines)))) + list(range(len(self.lines)))
-        for i in order:
-            code = self.lines[i]
-            if re.search(regex, code) and not code.lstrip().startswith(("def ", "class ")):
-                return i + 1
+        for pattern in (regex,) if isinstance(regex, str) else regex:
+            for i in order:
+                code = self.lines[i]
+                if re.search(pattern, code) and not code.lstrip().startswith(("def ", "class ")):
+                    return i + 1
         return None
