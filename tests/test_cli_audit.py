@@ -62,7 +62,6 @@ def B(*argv: str, arg: str, kind: str, match: str | None = None, known: str | No
 _SH = ("--length", "5", "--dim", "8", "--heads", "2")
 _TR = ("translate", "7 March 2019", "--checkpoint", "{ckpt}")
 _CHECK = ("check", "{file}")
-BENCH_OUTPUT = "qkv.bench writes --json and --out only after measuring every case"
 # qkv check starts its worker process (seconds: it imports torch) before it looks at FILE
 CHECK_WORKER = "; not run: the worker process starts before FILE is looked at (~4 s)"
 
@@ -144,14 +143,12 @@ CASES = [
     B("bench", "--repeats", "many", arg="--repeats", kind="wrong-type"),
     B("bench", "--quick", "--only", "no-such-case", arg="--only", kind="no-match",
       match=r"--only 'no-such-case' matches no case; the cases are 'dense'"),
-    B("bench", "--quick", "--only", "", arg="--only", kind="empty",
-      known="an empty --only matches every case: the whole suite starts"),
-    B("bench", "--quick", "--json", "", arg="--json", kind="empty", known=BENCH_OUTPUT),
-    B("bench", "--quick", "--json", "{dir}", arg="--json", kind="directory", known=BENCH_OUTPUT),
-    B("bench", "--quick", "--json", "{file}/x.json", arg="--json", kind="unwritable",
-      known=BENCH_OUTPUT),
-    B("bench", "--quick", "--out", "", arg="--out", kind="empty", known=BENCH_OUTPUT),
-    B("bench", "--quick", "--out", "{file}", arg="--out", kind="unwritable", known=BENCH_OUTPUT),
+    B("bench", "--quick", "--only", "", arg="--only", kind="empty"),
+    B("bench", "--quick", "--json", "", arg="--json", kind="empty"),
+    B("bench", "--quick", "--json", "{dir}", arg="--json", kind="directory"),
+    B("bench", "--quick", "--json", "{file}/x.json", arg="--json", kind="unwritable"),
+    B("bench", "--quick", "--out", "", arg="--out", kind="empty"),
+    B("bench", "--quick", "--out", "{file}", arg="--out", kind="unwritable"),
     # ---- check
     B("check", arg="FILE[:NAME]", kind="missing-value", match=r"FILE"),
     B("check", "", arg="FILE[:NAME]", kind="empty", match=r"FILE", run=False,

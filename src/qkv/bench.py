@@ -505,6 +505,30 @@ def plot_sweep(sweeps, path) -> None:
     plt.close(fig)
 
 
+def _check_output_file(parser, arg: str, path: str) -> None:
+    """A usage error unless `path` names a file that can be written (its folder exists)."""
+    target = pathlib.Path(path)
+    if not path.strip():
+        parser.error(f"{arg} needs a file name; got an empty string")
+    if target.is_dir():
+        parser.error(f"{arg} {path!r} is a directory; give a file name inside it")
+    folder = target.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        parser.error(f"{arg} {path!r}: cannot write into {str(folder)!r} (no such writable folder)")
+
+
+def _check_output_dir(parser, arg: str, path: str) -> None:
+    """A usage error unless `path` is a writable folder or one that can be made."""
+    target = pathlib.Path(path)
+    if not path.strip():
+        parser.error(f"{arg} needs a folder; got an empty string")
+    if target.exists() and not target.is_dir():
+        parser.error(f"{arg} {path!r} is a file; give a folder (it is created if missing)")
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+        parser.error(f"{arg} {path!r}: cannot create or write it (check the folder's permissions)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="qkv bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
@@ -528,6 +552,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
     repeats = args.repeats or (3 if args.quick else 7)
+    if args.only is not None and not args.only.strip():
+        parser.error("--only must name (part of) a case; got an empty string")
+    # where the results go is checked before minutes of measuring, not after
+    if args.json is not None:
+        _check_output_file(parser, "--json", args.json)
+    if args.out is not None:
+        _check_output_dir(parser, "--out", args.out)
     cases = [c for c in suite(args.quick) if args.only is None or args.only in c.name]
     if not cases:  # before anything is measured: a usage error answered at once
         names = ", ".join(repr(c.name) for c in suite(args.quick))
