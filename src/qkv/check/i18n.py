@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LANGS", "finding_fix", "finding_message", "text"]
+__all__ = ["LANGS", "call_words", "finding_fix", "finding_message", "text"]
 
 LANGS = ("en", "zh")
 
@@ -231,6 +231,22 @@ _ROLE_WORDS = {"q": "queries", "k": "keys", "v": "values"}
 
 def _pick(pair: tuple[str, str], lang: str) -> str:
     return pair[LANGS.index(lang)]
+
+
+_CALL_ZH = (
+    ("torch tensors", "torch 张量"),
+    ("NumPy arrays", "NumPy 数组"),
+    (" unbatched", "（无 batch 维）"),
+    (" built with ", "，构造参数 "),
+)
+
+
+def call_words(call: str, lang: str) -> str:
+    """The report's "called as" description in `lang` (names and shapes stay as they are)."""
+    if lang == "zh":
+        for en, zh in _CALL_ZH:
+            call = call.replace(en, zh)
+    return call
 
 
 def text(key: str, lang: str, **values: Any) -> str:

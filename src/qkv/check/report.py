@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .i18n import LANGS, finding_fix, finding_message, text
+from .i18n import LANGS, call_words, finding_fix, finding_message, text
 
 __all__ = ["IDS", "Check", "CheckReport", "Finding"]
 
@@ -123,7 +123,7 @@ class CheckReport:
         _check_lang(lang)
         lines = [text("header", lang, target=self.target)]
         if self.call:
-            lines.append(text("called", lang, call=self.call))
+            lines.append(text("called", lang, call=call_words(self.call, lang)))
         if self.mask_convention:
             lines.append(text("convention_" + self.mask_convention, lang))
         lines.append("")
