@@ -62,10 +62,18 @@ def _check_object(name: str, obj, path: str | None, init: dict) -> CheckReport:
     from .probes import run
     from .target import Target, build
 
-    built, used = build(obj, init)
-    source = obj if inspect.isclass(obj) or inspect.isroutine(obj) else type(obj)
-    target = Target(name, built, source, path, used)
-    return run(target, source)
+    import numpy as np
+    import torch
+
+    states = torch.get_rng_state(), np.random.get_state()  # the probes seed both
+    try:
+        built, used = build(obj, init)
+        source = obj if inspect.isclass(obj) or inspect.isroutine(obj) else type(obj)
+        target = Target(name, built, source, path, used)
+        return run(target, source)
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
 
 
 def check_spec(spec: str, init: dict) -> CheckReport:
