@@ -59,11 +59,11 @@ def _source_file(obj) -> str | None:
 
 
 def _check_object(name: str, obj, path: str | None, init: dict) -> CheckReport:
-    from .probes import run
-    from .target import Target, build
-
     import numpy as np
     import torch
+
+    from .probes import run
+    from .target import Target, build
 
     states = torch.get_rng_state(), np.random.get_state()  # the probes seed both
     try:
