@@ -51,7 +51,9 @@ def load_file(path: str | Path) -> types.ModuleType:
             raise
         line = learner_line(e, path)
         where = f" (line {line})" if line else ""
-        raise CheckError(f"cannot load {path}: {type(e).__name__}: {e}{where}") from None
+        missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+        hint = f"; pip install {missing}" if missing and "." not in missing else ""
+        raise CheckError(f"cannot load {path}: {type(e).__name__}: {e}{where}{hint}") from None
     finally:
         sys.path.remove(str(path.resolve().parent))
     return module
