@@ -58,8 +58,7 @@ class Harness:
     def inputs(self, seed: int = 1, lq: int | None = None, lk: int | None = None) -> list:
         """Canonical inputs: [q, k, v] (N, H, L, D) for functions, [xq, xk, xv] for modules."""
         n, h = self.t.canonical_shape(N, H)
-        if self.t.is_module:
-            lq = lk = L
+        if self.t.is_module:  # (N, L, E): self-attention has Lq = Lk = L
             xq = randn(n, L, self.width, seed=seed)
             if self.t.takes_x:
                 return [xq, xq, xq]

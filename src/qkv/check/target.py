@@ -187,10 +187,6 @@ class Target:
             raise CheckError(f"{name} takes inputs {self.inputs}: expected (q, k, v) or (x)")
         self.takes_x = len(self.inputs) == 1
         self.mask_param = next((p for p in sig.parameters if MASK_NAMES.match(p)), None)
-        self.mask_required = (
-            self.mask_param is not None
-            and sig.parameters[self.mask_param].default is inspect._empty
-        )
         self.causal_param = next((p for p in sig.parameters if CAUSAL_NAMES.match(p)), None)
         self.is_module = _has_weights(obj)
         try:
