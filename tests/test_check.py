@@ -154,6 +154,19 @@ VARIANTS = {
         """,
         {"future-leak"},
     ),
+    # causal, but each position is hidden from itself too: no leak, still wrong
+    "causal_hides_the_diagonal": (
+        """
+        import math, torch
+        def attention(q, k, v, causal=False):
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if causal:
+                L = s.shape[-1]
+                s = s.masked_fill(torch.ones(L, L).triu(0).bool(), float("-inf"))
+            return s.softmax(-1).nan_to_num(0) @ v
+        """,
+        {"wrong-output"},
+    ),
     # the Annotated Transformer's layout: four layers in a ModuleList, (q, k, v, mask)
     "modulelist_linears": (
         """

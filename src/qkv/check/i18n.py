@@ -150,6 +150,12 @@ _HINTS = {
         " It matches the scale 1/√{e} (the model width) instead of 1/√{d} (the head dim).",
         " 它与缩放 1/√{e}（模型宽度）一致，而不是 1/√{d}（每个头的维度）。",
     ),
+    "causal_differs": (
+        " Asked to be causal ({how}), it sees no later position, but its output differs from "
+        "qkv's causal attention by {cerr:.3g} (does each position see itself?).",
+        " 要求因果注意力（{how}）时它没有看到后面的位置，但输出与 qkv 的因果注意力相差 "
+        "{cerr:.3g}（每个位置能看到自己吗？）。",
+    ),
     "nan_row": (
         " A query row whose keys are all masked comes out NaN; qkv gives 0 (no attention).",
         " 所有 key 都被遮住的 query 行输出了 NaN；qkv 给出 0（不关注任何位置）。",

@@ -281,22 +281,29 @@ class _Run:
         h, t = self.h, self.t
         says_causal = re.search(r"causal|decoder|masked", t.name, re.I)
         x = h.inputs(lq=L, lk=L)
+        keep, causal = None, None
         if t.causal_param:
-            dep, how = h.dependence(x, causal=True), f"{t.causal_param}=True"
+            causal, how = True, f"{t.causal_param}=True"
         elif t.mask_param and self.convention and t.mask_shape == "keys":
             return self.skip("future-leak", "padding_mask")
         elif t.mask_param and self.convention:
-            dep, how = h.dependence(x, torch.ones(L, L, dtype=torch.bool).tril()), "a causal mask"
+            keep, how = torch.ones(L, L, dtype=torch.bool).tril(), "a causal mask"
         elif says_causal or h.causal:
-            dep, how = h.dependence(x), "its name says so"
+            how = "its name says so"
         else:
             return self.skip("future-leak", "no_causal")
+        dep = h.dependence(x, keep, causal)
         leaks = (dep > 0) & torch.ones(L, L, dtype=torch.bool).triu(1)
         if leaks.any():
             i, j = (int(v) for v in leaks.nonzero()[0])
-            self.fail("future-leak", {"i": i, "j": j, "delta": float(dep[i, j]), "how": how})
-        else:
-            self.ok("future-leak")
+            return self.fail("future-leak", {"i": i, "j": j, "delta": float(dep[i, j]), "how": how})
+        self.ok("future-leak")
+        if h.has_reference and not self.findings:  # no leak, but is it causal attention?
+            out = h.call(x, keep, causal).out
+            ref = h.reference(x, keep, causal=True)[0]
+            if _err(out, ref) > h.tol(ref):
+                self.wrong_hints.append("causal_differs")
+                self.wrong_data.update(how=how, cerr=_err(out, ref))
 
     def reference(self) -> None:
         """wrong-output and the pitfalls told apart by the formula the output matches."""
