@@ -76,7 +76,7 @@ def test_worker_process_reports_in_chinese_json(capsys):
     code, out, _ = run([f"{GALLERY / 'numpy_global_max.py'}:attention", "--json", "--lang", "zh"],
                        capsys)  # fmt: skip
     assert code == 1
-    report = json.loads(out)
+    report = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     (finding,) = report["findings"]
     assert finding["id"] == "global-max-softmax" and "下溢" in finding["message"]
     assert finding["line"] == 10 and report["ok"] is False
