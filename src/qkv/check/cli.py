@@ -64,12 +64,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run `qkv check` for parsed `args`; returns the exit code."""
     from .api import run_file
-    from .loader import CheckError
+    from .loader import CheckError, file_problem
 
     keys = [k for k, _ in args.init]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         print(f"qkv check: error: --init gives {dup} twice", file=sys.stderr)
+        return 2
+    why = file_problem(args.target)  # at once: no worker process for a path that is not there
+    if why is not None:
+        print(f"qkv check: error: {why}", file=sys.stderr)
         return 2
     try:
         report = run_file(args.target, dict(args.init), timeout=args.timeout)

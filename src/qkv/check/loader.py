@@ -148,11 +148,32 @@ def candidates(module: types.ModuleType) -> list[str]:
     return found
 
 
-def resolve(spec: str) -> tuple[Path, types.ModuleType, str, object]:
-    """`FILE[:NAME]` -> (path, module, name, object); raises CheckError saying why not."""
-    path, name = spec, ""
+def split_spec(spec: str) -> tuple[str, str]:
+    """`FILE[:NAME]` -> (FILE, NAME or ""); a file whose own name holds ':' stays whole."""
     if not Path(spec).is_file() and ":" in spec:
         path, _, name = spec.rpartition(":")
+        return path, name
+    return spec, ""
+
+
+def file_problem(spec: str) -> str | None:
+    """Why FILE of `FILE[:NAME]` cannot be a learner's file, before anything is started."""
+    path, _ = split_spec(spec)
+    if not path.strip():
+        return "FILE is empty: give the path of a Python file (FILE or FILE:NAME)"
+    if Path(path).is_dir():
+        return f"{path}: is a directory; give the Python file inside it (FILE or FILE:NAME)"
+    if not Path(path).is_file():
+        return f"{path}: no such file"
+    return None
+
+
+def resolve(spec: str) -> tuple[Path, types.ModuleType, str, object]:
+    """`FILE[:NAME]` -> (path, module, name, object); raises CheckError saying why not."""
+    why = file_problem(spec)
+    if why is not None:
+        raise CheckError(why)
+    path, name = split_spec(spec)
     module = load_file(path)
     if name:
         if not hasattr(module, name):
