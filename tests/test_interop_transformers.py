@@ -238,6 +238,9 @@ def test_masks_reaching_qkv_are_structured(family, case, seen):
     real = torch.ones(B, L, dtype=torch.bool) if mask is None else mask.bool()
     assert (got - want)[real].abs().max() <= ATOL
     assert len(seen) == 2  # one call per layer
+    # built once per forward per kind of layer (Qwen2 here has a full and a sliding one)
+    kinds = len(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
+    assert len({id(m) for m, *_ in seen}) == kinds
     for m, causal, Tq, Tk in seen:
         assert (Tq, Tk) == (L, L)
         if case == "causal":
@@ -247,6 +250,26 @@ def test_masks_reaching_qkv_are_structured(family, case, seen):
         assert "from_dense" not in repr(m)
         for t in _tensors(m):
             assert t.dim() <= 2 and t.numel() <= B * L, (case, tuple(t.shape))
+
+
+def test_tile_kinds_and_submasks_are_computed_once_per_forward(monkeypatch):
+    pad = torch.ones(2, 600, dtype=torch.long)
+    pad[1, :77] = 0
+    prepared = qkv_hf.build_mask(batch_size=2, q_length=600, kv_length=600, attention_mask=pad)
+    assert isinstance(prepared.mask, qkv_hf.Remembered)
+    inner = prepared.mask.inner
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 600, 16, generator=g) for _ in range(3))
+    want = qkv.attention(q, k, v, mask=inner)
+    calls = []
+    for name in ("block_kinds", "submask"):
+        real = getattr(inner, name)
+        monkeypatch.setattr(inner, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    outs = [qkv.attention(q, k, v, mask=prepared.mask) for _layer in range(3)]
+    per_layer = len(calls) // 3
+    assert calls and all((o - want).abs().max() <= 1e-6 for o in outs)
+    assert len([c for c in calls if c == "block_kinds"]) == 1, calls
+    assert len(calls) <= per_layer + 3  # the first layer computed them; the others read them
 
 
 def _eager_attention(module, q, k, v, mask4d):

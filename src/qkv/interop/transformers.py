@@ -45,7 +45,7 @@ from ._hf.translate import (
     translate,
 )
 
-__all__ = ["PreparedMask", "attention_forward", "build_mask", "register"]
+__all__ = ["PreparedMask", "Remembered", "attention_forward", "build_mask", "register"]
 
 _log = logging.getLogger(__name__)
 
@@ -157,11 +157,17 @@ def build_mask(
     call = dict(kwargs, batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                 q_offset=q_offset, kv_offset=kv_offset, mask_function=fn,
                 attention_mask=attention_mask)  # fmt: skip
-    B = _as_int(batch_size, "batch_size")
-    Tq, Tk = _as_int(q_length, "q_length"), _as_int(kv_length, "kv_length")
-    grid = Grid(B, Tq, Tk, _as_int(q_offset, "q_offset"), _as_int(kv_offset, "kv_offset"), device)
+    B, Tk = _as_int(batch_size, "batch_size"), _as_int(kv_length, "kv_length")
+    positions = kwargs.get("cache_position")  # transformers < 4.56 gives the query positions
+    if q_length is None and positions is not None:
+        Tq, q_offset = len(positions), int(positions[0]) if len(positions) else 0
+    else:
+        Tq, q_offset = _as_int(q_length, "q_length"), _as_int(q_offset, "q_offset")
+    grid = Grid(B, Tq, Tk, q_offset, _as_int(kv_offset, "kv_offset"), device)
     keep = _padding_keep(attention_mask, B, grid.kv_offset, Tk, device)
     try:
+        if positions is not None and not torch.equal(positions.cpu(), grid.q_pos().cpu()):
+            raise Unrecognised("query positions that are not consecutive")
         piece = translate(fn, grid) & Piece(mask=None if keep is None else key_mask(keep, grid))
         mask = to_mask(piece, grid)
         if not agrees(fn, keep, grid, mask):
@@ -223,7 +229,7 @@ def _wants_weights(module, kwargs: dict) -> bool:
     return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
-def _mask_and_bias(attention_mask, query, key, module, is_causal, sliding_window):
+def _mask_and_bias(attention_mask, query, key, module, is_causal, sliding_window, kwargs):
     """(mask, causal, bias) for qkv.attention from what the layer was given."""
     Tq, Tk = query.shape[2], key.shape[2]
     if isinstance(attention_mask, PreparedMask):
@@ -233,6 +239,13 @@ def _mask_and_bias(attention_mask, query, key, module, is_causal, sliding_window
                 f"but the layer has query {tuple(query.shape)} and key {tuple(key.shape)}"
             )
         return attention_mask.mask, attention_mask.causal, None
+    if attention_mask is None and any(
+        kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k")
+    ):
+        raise ValueError(
+            "qkv attention got variable-length (cu_seq_lens) inputs without a mask, as "
+            "continuous batching passes them; pass position_ids or an attention_mask instead"
+        )
     if attention_mask is None:  # no mask was built: follow the layer, as transformers' sdpa does
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         mask = None
@@ -275,7 +288,7 @@ def attention_forward(
     """
     _refuse(module, kwargs)
     mask, causal, bias = _mask_and_bias(
-        attention_mask, query, key, module, is_causal, sliding_window
+        attention_mask, query, key, module, is_causal, sliding_window, kwargs
     )
     if position_bias is not None:  # relative positions added to the scores (T5-style models)
         bias = position_bias if bias is None else bias + position_bias
