@@ -350,6 +350,42 @@ def test_mask_translation_equals_transformers_dense_mask(
     assert torch.equal(_as_dense(prepared, B, Tq, Tk), _dense_reference(**kw).expand(B, 1, Tq, Tk))
 
 
+def test_mask_translation_on_random_descriptions():
+    """Random offsets (consistent with a cache or not), windows, chunks and paddings."""
+    g = torch.Generator().manual_seed(7)
+
+    def pick(n):
+        return int(torch.randint(n, (), generator=g))
+
+    for case in range(60):
+        B, Tq = 2, 1 + pick(9)
+        Tk = Tq + pick(12)
+        q_offset, kv_offset = pick(20), pick(20)
+        w = 1 + pick(8)
+        fn = [
+            mu.causal_mask_function,
+            mu.sliding_window_causal_mask_function(w),
+            mu.bidirectional_mask_function,
+            mu.sliding_window_bidirectional_mask_function(w),
+            mu.chunked_causal_mask_function(w, torch.tensor([pick(3), 0])),
+        ][case % 5]
+        L = kv_offset + Tk - pick(3)  # sometimes shorter than the keys: the rest is padding
+        pad = torch.ones(B, L, dtype=torch.bool)
+        kind = pick(4)
+        if kind == 1:
+            pad[0, : pick(L)] = False  # left
+        elif kind == 2:
+            pad[1, L - pick(L) :] = False  # right
+        elif kind == 3:
+            pad = torch.rand(B, L, generator=g) > 0.3  # holes
+        kw = dict(batch_size=B, q_length=Tq, kv_length=Tk, q_offset=q_offset,
+                  kv_offset=kv_offset, mask_function=fn, attention_mask=pad)  # fmt: skip
+        prepared = qkv_hf.build_mask(**kw)
+        assert prepared.structured, (case, prepared.reason)
+        want = _dense_reference(**kw).expand(B, 1, Tq, Tk)
+        assert torch.equal(_as_dense(prepared, B, Tq, Tk), want), (case, kw, prepared)
+
+
 def test_position_bias_is_added_like_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
