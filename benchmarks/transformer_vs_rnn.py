@@ -14,7 +14,8 @@ Four measurements, each written to DIR/results.json and printed; the figures go 
   time to 99% is the median over `--repeats` runs of each.
 - steps: seconds of one training step (forward + backward) of one self-attention layer
   (qkv.MultiHeadAttention), one GRU layer and one Conv1d layer (kernel 3), all of width E,
-  against T. Interleaved: every round times each (layer, T) once; medians of the rounds.
+  against T, with 1 and 2 torch threads. Interleaved: every round times each (layer, T,
+  threads) once; medians of the rounds.
 - paths: ‖∂y_T/∂x_1‖ (Frobenius norm of the E×E Jacobian of the last output with respect to
   the first input) against the distance d = T - 1, for a randomly initialised GRU and a
   randomly initialised causal self-attention layer: T products of Jacobians in the GRU,
@@ -81,10 +82,12 @@ def training_curve(config: DemoConfig, *, eval_every: int, eval_examples: int) -
 
 
 def run_curves(args) -> dict:
-    runs: dict[str, list[dict]] = {"transformer": [], "rnn": []}
+    runs: dict[str, list[dict]] = {arch: [] for arch in args.archs}
+    lr = {} if args.lr is None else {"lr": args.lr}  # and the seed: data, init, batch order
     for r in range(args.repeats):
-        for arch in ("transformer", "rnn"):  # alternate: slow phases of a shared machine hit both
-            config = DemoConfig(arch=arch, threads=args.threads, steps=args.train_steps)
+        for arch in args.archs:  # alternate: the slow phases of a shared machine hit both
+            config = DemoConfig(arch=arch, threads=args.threads, steps=args.train_steps,
+                                seed=args.seed, **lr)  # fmt: skip
             run = training_curve(config, eval_every=args.eval_every, eval_examples=args.probe)
             runs[arch].append(run)
             print(
@@ -152,18 +155,24 @@ def run_steps(args) -> dict:
     for name, layer in layers.items():  # warm-up: first calls allocate and pick kernels
         for x in inputs.values():
             step_seconds(name, layer, x)
-    times: dict[str, dict[int, list[float]]] = {n: {T: [] for T in args.lengths} for n in layers}
-    for _ in range(args.rounds):
-        for T, x in inputs.items():
-            for name, layer in layers.items():
-                times[name][T].append(step_seconds(name, layer, x))
+    keys = [(n, T, t) for t in args.step_threads for T in args.lengths for n in layers]
+    times: dict[tuple, list[float]] = {key: [] for key in keys}
+    previous = torch.get_num_threads()
+    try:
+        for _ in range(args.rounds):
+            for threads in args.step_threads:
+                torch.set_num_threads(threads)
+                for T, x in inputs.items():
+                    for name, layer in layers.items():
+                        times[name, T, threads].append(step_seconds(name, layer, x))
+    finally:
+        torch.set_num_threads(previous)
     rows = []
-    for name in layers:
-        for T in args.lengths:
-            seconds = statistics.median(times[name][T])
-            flops = 3 * step_flops(name, args.batch, T, args.width)  # forward + backward
-            rows.append({"layer": name, "T": T, "seconds": seconds, "gflops": flops / 1e9,
-                         "gflop_per_s": flops / seconds / 1e9})  # fmt: skip
+    for name, T, threads in keys:
+        seconds = statistics.median(times[name, T, threads])
+        flops = 3 * step_flops(name, args.batch, T, args.width)  # forward + backward
+        rows.append({"layer": name, "T": T, "threads": threads, "seconds": seconds,
+                     "gflops": flops / 1e9, "gflop_per_s": flops / seconds / 1e9})  # fmt: skip
     return {"batch": args.batch, "width": args.width, "heads": args.heads, "rows": rows}
 
 
@@ -308,7 +317,7 @@ def plot(results: dict, out: Path) -> list[str]:
         fig = Figure(figsize=(7, 4))
         ax = fig.add_subplot()
         for arch, color in (("transformer", "tab:blue"), ("rnn", "tab:orange")):
-            for k, run in enumerate(results["curves"]["runs"][arch]):
+            for k, run in enumerate(results["curves"]["runs"].get(arch, [])):
                 pts = run["points"]
                 label = f"{arch} ({run['parameters']:,} parameters)" if k == 0 else None
                 ax.plot([p["seconds"] for p in pts], [p["exact_match"] for p in pts],
@@ -323,9 +332,14 @@ def plot(results: dict, out: Path) -> list[str]:
         fig = Figure(figsize=(7, 4))
         ax = fig.add_subplot()
         rows = results["steps"]["rows"]
-        for name in dict.fromkeys(r["layer"] for r in rows):
-            mine = [r for r in rows if r["layer"] == name]
-            ax.plot([r["T"] for r in mine], [r["seconds"] * 1e3 for r in mine], "o-", label=name)
+        colors = {}
+        for name, threads in dict.fromkeys((r["layer"], r["threads"]) for r in rows):
+            mine = [r for r in rows if (r["layer"], r["threads"]) == (name, threads)]
+            color = colors.setdefault(name, f"C{len(colors)}")
+            style = "o-" if threads == min(r["threads"] for r in rows) else "s--"
+            label = f"{name}, {threads} thread{'s' * (threads > 1)}"
+            ms = [r["seconds"] * 1e3 for r in mine]
+            ax.plot([r["T"] for r in mine], ms, style, color=color, label=label)
         ax.set(xscale="log", yscale="log", xlabel="sequence length T",
                ylabel="ms per training step (forward + backward)")  # fmt: skip
         s = results["steps"]
@@ -357,13 +371,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--repeats", type=int, default=2, help="training runs per architecture")
     p.add_argument("--train-steps", type=int, default=DemoConfig().steps)
+    p.add_argument("--archs", nargs="+", choices=("transformer", "rnn"),
+                   default=["transformer", "rnn"])  # fmt: skip
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-3)")
+    p.add_argument("--seed", type=int, default=0, help="of the training runs (default 0)")
     p.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
     p.add_argument("--probe", type=int, default=500, help="held-out examples per evaluation")
     p.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 2048])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
+    p.add_argument("--step-threads", type=int, nargs="+", default=[1, 2], help="steps: threads")
     p.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--path-width", type=int, default=32)
     p.add_argument("--seeds", type=int, default=5)
@@ -373,7 +392,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if min(args.threads, args.repeats, args.eval_every, args.probe, args.rounds, args.seeds) < 1:
+    counts = (args.threads, args.repeats, args.eval_every, args.probe, args.rounds, args.seeds)
+    if min(*counts, *args.step_threads) < 1:
         _parser().error("counts must be >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def test_window_attention_with_position_bias_is_a_depthwise_convolution(bench):
 
 def test_script_runs_and_writes_results_and_figures(bench, tmp_path, capsys):
     argv = ["--only", "conv", "paths", "steps", "--out", str(tmp_path), "--lengths", "8", "16",
-            "--batch", "2", "--width", "8", "--heads", "2", "--rounds", "1", "--distances", "1",
+            "--batch", "2", "--width", "8", "--heads", "2", "--rounds", "1", "--step-threads", "1", "--distances", "1",
             "3", "--path-width", "4", "--seeds", "1"]  # fmt: skip
     assert bench.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
