@@ -271,8 +271,12 @@ def test_failed_build_falls_back_with_the_reason(tmp_path):
 
 @needs_native
 def test_build_is_cached_and_written_whole(tmp_path):
-    first = _python(SAME_AS_SDPA, tmp_path)
+    """A fresh cache: asking compiles nothing, the first call builds, a second process
+    reuses the file."""
+    asking = "from qkv.kernels import native\nprint('asked:', native.unavailable(build=False))\n"
+    first = _python(asking + textwrap.dedent(SAME_AS_SDPA), tmp_path)
     assert first.returncode == 0, first.stderr
+    assert "asked: not built yet" in first.stdout and "why: None" in first.stdout
     assert "kernel: native" in first.stdout
     built = list((tmp_path / "cache").iterdir())
     assert len(built) == 1 and built[0].name.startswith("native-") and built[0].suffix == ".so"
@@ -454,32 +458,19 @@ def test_a_broken_source_is_refused_at_compile_time(tmp_path, monkeypatch):
 
 
 @needs_native
-def test_a_library_whose_layout_differs_is_refused(monkeypatch, tmp_path):
-    """The Job structure is checked against the library's own layout before any call."""
-    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+def test_a_library_whose_layout_differs_is_refused(monkeypatch):
+    """The Job structure is checked against the library's own layout before any call
+    (the cached build of this process is read again, nothing is compiled)."""
     monkeypatch.setattr(native, "_layout", lambda: [1, 2, 3])
     fn, why = native._build()
     assert fn is None and "does not match native.py's Job layout" in why
     monkeypatch.undo()
-    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
     fn, why = native._build()  # the same cached file, with the real layout
     assert fn is not None and why is None
 
 
-def test_asking_without_building_compiles_nothing(tmp_path):
-    done = _python(
-        """
-        from qkv.kernels import native
-        print("asked:", native.unavailable(build=False))
-        print("built:", native.build())
-        print("after:", native.unavailable(build=False))
-        """,
-        tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+def test_asking_without_building_agrees_where_nothing_can_be_built():
+    """Where no build can run, build=False gives the same reason (no "not built yet")."""
     if WHY is None:
-        assert lines["asked"].startswith("not built yet")
-        assert lines["built"] == "None" and lines["after"] == "None"
-    else:
-        assert lines["asked"] == lines["built"] == lines["after"] == WHY
+        pytest.skip("the kernel builds here: test_build_is_cached_and_written_whole covers it")
+    assert native.unavailable(build=False) == WHY
