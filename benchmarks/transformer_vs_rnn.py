@@ -162,6 +162,8 @@ def run_steps(args) -> dict:
         for _ in range(args.rounds):
             for threads in args.step_threads:
                 torch.set_num_threads(threads)
+                for name, layer in layers.items():  # untimed: the pool settles after a switch
+                    step_seconds(name, layer, inputs[args.lengths[0]])
                 for T, x in inputs.items():
                     for name, layer in layers.items():
                         times[name, T, threads].append(step_seconds(name, layer, x))
