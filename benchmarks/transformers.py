@@ -207,12 +207,13 @@ def main() -> None:
             prefill(model, prompt(256), impl)  # warm-up
         runs = prefill_times(model, args.lengths, args.repeats, args.eager_max)
         lines = table(f"\nprefill, {label}", args.lengths, runs)
-        w_lengths = [T for T in args.weights_lengths if args.eager_max >= T]
+        w_lengths = [T for T in args.weights_lengths if 0 < T <= args.eager_max]
         w_runs = prefill_times(
             model, w_lengths, args.repeats, args.eager_max, True, ("eager", "qkv")
         )
-        lines += table(f"\nprefill with output_attentions=True, {label}", w_lengths, w_runs,
-                       "eager", ("eager", "qkv"))  # fmt: skip
+        if w_lengths:
+            lines += table(f"\nprefill with output_attentions=True, {label}", w_lengths, w_runs,
+                           "eager", ("eager", "qkv"))  # fmt: skip
         rates = decode_rate(model, args.decode_prompt, args.decode_steps, args.repeats + 2)
         lines.append(f"\ngreedy decoding after a {args.decode_prompt}-token prompt, {label}:")
         lines += [f"{impl:>6} {r:8.1f} tokens/s  ({r / rates['sdpa']:.2f}x sdpa)"

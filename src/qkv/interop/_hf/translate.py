@@ -211,8 +211,8 @@ def _ids_at(ids, positions: torch.Tensor, name: str) -> torch.Tensor:
     return ids[:, positions.to(ids.device)]
 
 
-def _packed_positions(fn, grid: Grid):
-    """The position ids a packed-sequence AND may remap by, or None (see translate)."""
+def _packed_ids(fn, grid: Grid) -> torch.Tensor:
+    """The (B, T) document ids of a packed-sequence mask function (see translate)."""
     ids = _cells(fn, "packed_sequence_mask")[0]
     if grid.q_offset or grid.kv_offset or grid.Tq != grid.Tk:
         raise Unrecognised("packed sequences with a cache")
@@ -245,7 +245,7 @@ def translate(fn, grid: Grid, same_doc: torch.Tensor | None = None, bands_only=F
         if kind == "and":
             for part in parts:
                 if _factory_codes().get(getattr(part, "__code__", None)) == "packed":
-                    same_doc = _packed_positions(part, grid)
+                    same_doc = _packed_ids(part, grid)
         pieces = [translate(part, grid, same_doc, bands_only) for part in parts]
         return _all_of(pieces) if kind == "and" else _any_of(pieces, grid)
     if kind == "remap":
