@@ -52,6 +52,12 @@ def _config(family: str):
         return transformers.Qwen2Config(
             **_decoder_common(), use_sliding_window=True, sliding_window=5, max_window_layers=1
         )
+    if family == "gemma3":  # per-layer sliding and full layers; scaling 1/4, not 1/sqrt(8)
+        common = {**_decoder_common(), "hidden_size": 32}
+        return transformers.Gemma3TextConfig(
+            **common, head_dim=8, sliding_window=4, query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                                        n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -64,7 +70,7 @@ def _config(family: str):
     raise AssertionError(family)
 
 
-DECODERS = ["llama", "mistral", "qwen2", "gpt2"]
+DECODERS = ["llama", "mistral", "qwen2", "gemma3", "gpt2"]
 FAMILIES = [*DECODERS, "bert"]
 _MODELS: dict = {}
 
@@ -409,6 +415,16 @@ def test_unsupported_options_raise_naming_the_model_option():
         qkv_hf.attention_forward(module, q, k, v, None, s_aux=torch.zeros(4))
     with pytest.raises(TypeError, match="attention_mask"):
         qkv_hf.attention_forward(module, q, k, v, "causal")
+
+
+def test_gemma2_logit_softcapping_is_refused_not_ignored():
+    config = transformers.Gemma2Config(
+        **_decoder_common(), head_dim=8, sliding_window=4, attn_logit_softcapping=50.0
+    )
+    config._attn_implementation = NAME
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"attn_logit_softcapping=50\.0"), torch.no_grad():
+        model(input_ids=_batch("llama")[0])
 
 
 def test_register_is_idempotent_and_refuses_transformers_names():
