@@ -175,6 +175,29 @@ def test_training_step_gradients_equal_eager(family):
         assert err <= 1e-5 + 1e-4 * want.abs().max(), n
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_packed_training_step_gradients_equal_eager(family, seen):
+    """Packed sequences (position ids restart per document, no padding) in model.train()."""
+    model = _model(family)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(1, VOCAB, (2, 20), generator=g)
+    pos = torch.cat([torch.cat([torch.arange(n) for n in lens])[None] for lens in ([7, 13], [20])])
+    grads = {}
+    for impl in ("eager", NAME):
+        _with(model, impl).train()
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+        ).backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    assert seen and all("document(" in repr(m) for m, *_ in seen)  # the documents reached qkv
+    for n, want in grads["eager"].items():
+        assert (grads[NAME][n] - want).abs().max() <= 1e-5 + 1e-4 * want.abs().max(), n
+
+
 def test_dropout_follows_torch_seed():
     config = _config("llama")
     config.attention_dropout = 0.5
