@@ -18,17 +18,17 @@ their strides. Results are written token-major, the layout the kernel returns.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .._types import plain_tensors
 from . import native
 from .fused import POISON_BELOW_KEYS, poison
+from .merge import merge
+from .plan import Jobs, job_mask
 from .tiles import Job
 from .tiles import steps as _steps
 
-__all__ = ["backward", "forward", "merge"]
+__all__ = ["backward", "forward"]
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -65,16 +65,6 @@ def _gather(x: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return g.view(B * n, -1, H, W).transpose(1, 2)  # (B·n, H, len, W)
 
 
-def _allowed(job: Job) -> torch.Tensor | None:
-    """The job's bool mask as (Bm, n|1, Hm, r, k): one pattern if all blocks share it."""
-    if job.masks is None:
-        return None
-    first = job.masks[0]  # (Bm, Hm, r, k)
-    if all(m is first or torch.equal(m, first) for m in job.masks[1:]):
-        return first[:, None]  # (Bm, 1, Hm, r, k)
-    return torch.stack(job.masks, dim=1)  # (Bm, n, Hm, r, k)
-
-
 def _additive(allowed: torch.Tensor, dtype, device):
     """Float mask (0 / -inf) for the fused kernel, and the rows that see a key (or None)."""
     allowed = allowed.to(device)
@@ -90,7 +80,7 @@ def _calls(x, job: Job, B: int):
     Regular jobs make one call per batch element on views; others one gathered call.
     """
     n, r, k = len(job.q_starts), job.rows, job.keys
-    allowed = _allowed(job)  # (Bm, n|1, Hm, r, k) or None
+    allowed = job_mask(job)  # (Bm, n|1, Hm, r, k) or None
     device = x.q.device
     steps = _steps(job)
     if steps is not None:
@@ -116,10 +106,11 @@ def _calls(x, job: Job, B: int):
     yield q, kk, vv, add, rows, ("gathered", q_idx, k_idx)
 
 
-def _native(x, job: Job, dtype) -> bool:
-    """Whether a job runs on native.cpp (float32 on the CPU, evenly spaced blocks of at
-    least MIN_ROWS queries): where it is built, it was faster than torch's fused kernel on
-    every such job of the plans measured (windows, documents, causal)."""
+def _native(x, jobs: Jobs, i: int, dtype) -> bool:
+    """Whether fine job i runs on native.cpp (float32 on the CPU, evenly spaced blocks of
+    at least MIN_ROWS queries): where it is built, it was faster than torch's fused kernel
+    on every such job of the plans measured (windows, documents, causal)."""
+    job = jobs.fine[i]
     return (
         dtype == torch.float32
         and x.q.dtype == torch.float32
@@ -127,83 +118,38 @@ def _native(x, job: Job, dtype) -> bool:
         and job.keys > 0
         and job.rows >= native.MIN_ROWS
         and plain_tensors(x.q, x.k, x.v)
-        and native.unavailable() is None
-        and _native_job(job)[0] is not None  # evenly spaced blocks
+        and native.unavailable() is None  # right before a native call: may build it
+        and jobs.native_job(i)[0] is not None  # evenly spaced blocks
     )
 
 
-# Per job: its steps and its mask as the native kernel reads it. Jobs of cached plans
-# (tiles of tensor-free masks) live on, and so do these; others go with their job.
-_NATIVE_JOBS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _native_job(job: Job):
-    """(steps, additive mask transposed (Bm, n|1, Hm, k, rp) float32 or None) of a job."""
-    got = _NATIVE_JOBS.get(job)
-    if got is None:
-        steps, mask_t = _steps(job), None
-        allowed = _allowed(job) if steps is not None else None  # (Bm, n|1, Hm, r, k)
-        if allowed is not None:
-            rp = -(-job.rows // 16) * 16
-            shape = (*allowed.shape[:3], job.keys, rp)
-            mask_t = torch.zeros(shape, dtype=torch.float32, device="cpu")
-            inside = mask_t[..., : job.rows]
-            inside.masked_fill_(~allowed.transpose(-1, -2).cpu(), float("-inf"))
-        got = _NATIVE_JOBS[job] = (steps, mask_t)
-    return got
-
-
-def _native_forward(x, job: Job, scale: float, slab_o, slab_l) -> None:
-    """One regular job on native.cpp, written straight into the slabs."""
+def _native_forward(x, jobs: Jobs, i: int, scale: float, slab_o, slab_l) -> None:
+    """Fine job i on native.cpp, written straight into the slabs."""
+    job = jobs.fine[i]
     n, r, k = len(job.q_starts), job.rows, job.keys
-    (sq, sk), mask_t = _native_job(job)
+    (sq, sk), mask_t = jobs.native_job(i)
     native.forward(
         x.q, x.k, x.v, slab_o, slab_l, q0=job.q_starts[0], k0=job.k_starts[0], sq=sq, sk=sk,
         n=n, rows=r, keys=k, scale=scale, mask_t=mask_t,
     )  # fmt: skip
 
 
-def merge(acc_o, acc_l, o, l):
-    """Merge two partial results over disjoint keys; rows empty in both stay 0 / -inf.
-
-    out (..., R, W) and lse (..., R) for any leading shape: lse = logaddexp(lse₁, lse₂),
-    out = out₁·exp(lse₁ − lse) + out₂·exp(lse₂ − lse).
-    """
-    new_l = torch.logaddexp(acc_l, l)  # (..., R)
-    live = torch.isfinite(new_l)
-    w_acc = torch.where(live, torch.exp(acc_l - new_l), 0.0)[..., None]
-    w_new = torch.where(live, torch.exp(l - new_l), 0.0)[..., None]
-    return acc_o * w_acc + o * w_new, new_l
-
-
-# Rows no job of an ordinal writes, by the ordinal's first job (None: every row is written).
-_IDLE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _slabs(jobs: list[Job], ordinal: int, shape, dtype, device):
+def _slabs(jobs: Jobs, ordinal: int, shape, dtype, device):
     """Output (B, T, H, W) and lse (B, T, H) buffers for the jobs of one ordinal: rows no
     job writes hold 0 / -inf, the others are left for the jobs to fill (no zero pass)."""
     B, T, H, W = shape
     slab_o = torch.empty(B, T, H, W, dtype=dtype, device=device)
     slab_l = torch.empty(B, T, H, dtype=dtype, device=device)
-    key = jobs[0]  # the first job of the ordinal stands for its jobs (all cached together)
-    idle = _IDLE_ROWS.get(key, False)
-    if idle is False:
-        covered = torch.zeros(T, dtype=torch.bool, device="cpu")
-        for job in jobs:
-            if job.ordinal != ordinal:
-                break
-            covered[_indices(job.q_starts, job.rows, "cpu")] = True
-        idle = None if bool(covered.all()) else (~covered).to(device)
-        _IDLE_ROWS[key] = idle
+    idle = jobs.idle_rows(ordinal, T, device)
     if idle is not None:
         slab_o[:, idle] = 0
         slab_l[:, idle] = float("-inf")
     return slab_o, slab_l
 
 
-def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run every job; returns out (B, Tq, H, W) and lse (B, Tq, H) in `dtype` (float32+).
+def forward(x, jobs: Jobs, scale: float, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every forward job (`jobs.fine`); returns out (B, Tq, H, W) and lse (B, Tq, H)
+    in `dtype` (float32+).
 
     The jobs of one ordinal (the i-th segment of each query block) cover each row at most
     once, so they write into one slab; slabs of successive ordinals are merged whole.
@@ -211,16 +157,17 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
     B, T, H, W = shape
     device = x.q.device
     acc_o = acc_l = None
+    fine = jobs.fine
     i = 0
-    while i < len(jobs):
-        ordinal = jobs[i].ordinal
-        slab_o, slab_l = _slabs(jobs[i:], ordinal, shape, dtype, device)
-        while i < len(jobs) and jobs[i].ordinal == ordinal:
-            job = jobs[i]
+    while i < len(fine):
+        ordinal = fine[i].ordinal
+        slab_o, slab_l = _slabs(jobs, ordinal, shape, dtype, device)
+        while i < len(fine) and fine[i].ordinal == ordinal:
+            job = fine[i]
             i += 1
             n, r = len(job.q_starts), job.rows
-            if _native(x, job, dtype):
-                _native_forward(x, job, scale, slab_o, slab_l)
+            if _native(x, jobs, i - 1, dtype):
+                _native_forward(x, jobs, i - 1, scale, slab_o, slab_l)
                 continue
             for q, k, v, add, rows, where in _calls(x, job, B):
                 o, l = _flash(q, k, v, 0.0, False, attn_mask=add, scale=scale)
