@@ -3,6 +3,15 @@
 Every kernel takes the same validated `Problem` and returns an `AttentionOutput`; each may
 declare, through `unsupported(problem)`, why it cannot run a problem. `select` walks the
 kernels from fastest to most general and returns the first that can, with the reason.
+The checks only read the problem and the state of the machine: none builds, compiles or
+loads anything (the native kernel is built on its first real call, or by
+`native.build()`; FlexAttention compiles on its first call), so `qkv.explain` is cheap.
+
+Kernels: "native" (float32 CPU forwards in C++), "fused" (torch's SDPA as it stands),
+"flex" (structured masks on CUDA, torch's compiled FlexAttention), "tiled" (the tile
+engine: structured masks, lse, bias, dropout, weights without gradients), "reference"
+(the readable oracle, runs everything). Common calls (no mask, causal, key padding)
+skip the walk altogether: see `_validate.quick_sdpa`.
 """
 
 from __future__ import annotations
@@ -13,9 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from .._types import AttentionOutput, Problem
-from . import fused, native, reference, tiled
+from . import flex, fused, native, reference, tiled
+from .plan import TileConfig, TilePlan
 
-__all__ = ["KERNELS", "KernelChoice", "select"]
+__all__ = ["KERNELS", "KernelChoice", "TileConfig", "TilePlan", "select"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,7 @@ class Kernel:
 KERNELS: dict[str, Kernel] = {
     "native": Kernel("native", native.run, native.unsupported),
     "fused": Kernel("fused", fused.run, fused.unsupported),
+    "flex": Kernel("flex", flex.run, flex.unsupported),  # CUDA: structured masks
     "tiled": Kernel("tiled", tiled.run, tiled.unsupported),
     "reference": Kernel("reference", reference.run, lambda p: None),
 }

@@ -74,6 +74,10 @@ class TileConfig:
 
 DEFAULT = TileConfig()
 
+# A plan keeps its whole dense submask (what the fused kernel takes for small problems)
+# up to this many pairs: 1 MB of bools.
+_KEEP_DENSE = 1 << 20
+
 
 @dataclass
 class Jobs:
@@ -152,6 +156,7 @@ class TilePlan(Mask):
             max_masked_full=config.max_masked_full,
         )  # fmt: skip
         self._jobs: dict = {}
+        self._dense: dict = {}  # device -> the whole (Bm, Hm, Tq, Tk) submask, when small
         self._lock = threading.Lock()
 
     def jobs(self, heads: int, compact: bool, device=None) -> Jobs:
@@ -196,7 +201,13 @@ class TilePlan(Mask):
             self.mask.check(B, H, Tq, Tk)
 
     def submask(self, Tq, Tk, q0, q1, k0, k1, device=None):
-        return self._inner().submask(Tq, Tk, q0, q1, k0, k1, device)
+        if (q0, q1, k0, k1) != (0, Tq, 0, Tk) or Tq * Tk > _KEEP_DENSE:
+            return self._inner().submask(Tq, Tk, q0, q1, k0, k1, device)
+        # the whole (small) matrix, as the fused kernel takes it: kept, like the jobs
+        got = self._dense.get(device)
+        if got is None:
+            got = self._dense[device] = self._inner().submask(Tq, Tk, 0, Tq, 0, Tk, device)
+        return got
 
     def region_kinds(self, Tq, Tk, q0, q1, k0, k1, block_q, block_k, device=None):
         return self._inner().region_kinds(Tq, Tk, q0, q1, k0, k1, block_q, block_k, device)

@@ -23,7 +23,7 @@ import numbers
 
 import torch
 
-from ._base import EMPTY, FULL, PARTIAL, And, Crop, Mask, Not, Or
+from ._base import EMPTY, FULL, PARTIAL, And, Mask, Not, Or
 from ._kinds import Band, Dense, Document, Padding
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "FULL",
     "PARTIAL",
     "And",
-    "Crop",
     "Mask",
     "Not",
     "Or",

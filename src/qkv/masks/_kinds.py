@@ -118,6 +118,7 @@ class Padding(Mask):
         if self.lengths.numel() and int(self.lengths.min()) < 0:
             raise ValueError(f"padding lengths must be >= 0; got {self.lengths.tolist()[:16]}")
         self._keys: dict = {}  # (Tk, device) -> (B, 1, 1, Tk) bool, see key_mask
+        self._longest = int(self.lengths.max()) if self.lengths.numel() else 0
 
     form = "key_padding"
 
@@ -131,9 +132,14 @@ class Padding(Mask):
         Kept on the mask (a few of the last sizes): one padding mask serves every layer
         of a model, and each step of a decoding loop that keeps its lengths.
         """
-        key = (Tk, str(device))
+        key = (Tk, device)
         got = self._keys.get(key)
         if got is None:
+            if self._longest > Tk:
+                raise ValueError(
+                    f"mask: padding lengths must lie in [0, Tk={Tk}]; got max length "
+                    f"{self._longest}"
+                )
             lengths = self.lengths.to(device)
             got = (torch.arange(Tk, device=device) < lengths[:, None])[:, None, None]
             if len(self._keys) >= 4:
