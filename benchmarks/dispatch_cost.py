@@ -42,7 +42,8 @@ def main() -> None:
     lengths = torch.tensor([100 + 7 * b for b in range(B)])
     padding = qkv.masks.padding(lengths)
     bool_mask = (torch.arange(Tk) < lengths[:, None])[:, None, None]  # (B, 1, 1, Tk)
-    plan = qkv.masks.window(63).plan(1, Tk)
+    window = qkv.masks.window(63)
+    plan = window.plan(1, Tk) if hasattr(window, "plan") else window  # older qkv: no plans
     contenders = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "sdpa bool mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask),

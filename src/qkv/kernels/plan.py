@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..masks import Mask
+from ..masks import FULL, Mask
 from .tiles import Job, QueryBlock, compact_keys, group_jobs, plan_tiles, refine_jobs
 from .tiles import steps as job_steps
 
@@ -185,11 +185,7 @@ class TilePlan(Mask):
     # ---- the mask it plans --------------------------------------------------------------
 
     def _inner(self) -> Mask:
-        if self.mask is None:
-            from ..masks._kinds import Band
-
-            return Band(None, None, "all")
-        return self.mask
+        return _ALL if self.mask is None else self.mask
 
     def check(self, B, H, Tq, Tk):
         if (Tq, Tk) != (self.Tq, self.Tk):
@@ -258,6 +254,32 @@ class TilePlan(Mask):
         if not grid or len(grid) > 64 or len(grid[0]) > 64:
             return head
         return head + "\n" + "\n".join(" ".join(row) for row in grid)
+
+
+class _All(Mask):
+    """Every pair allowed: what a plan of no mask stands for."""
+
+    def submask(self, Tq, Tk, q0, q1, k0, k1, device=None):
+        return torch.ones(1, 1, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+
+    def region_kinds(self, Tq, Tk, q0, q1, k0, k1, block_q, block_k, device=None):
+        nq, nk = -(-(q1 - q0) // block_q), -(-(k1 - k0) // block_k)
+        return torch.full((1, 1, nq, nk), FULL, dtype=torch.int8, device=device)
+
+    def tile_key(self, Tq, Tk, q0, q1, k0, k1):
+        return ("all", q1 - q0, k1 - k0)
+
+    def cache_key(self):
+        return ("all",)
+
+    def mask_mod(self, Tq, Tk, device=None):
+        return lambda b, h, q_idx, kv_idx: kv_idx >= 0
+
+    def __repr__(self) -> str:
+        return "all"
+
+
+_ALL = _All()
 
 
 class PlanCache:
