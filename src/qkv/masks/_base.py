@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["EMPTY", "FULL", "PARTIAL", "And", "Crop", "Mask", "Not", "Or"]
+__all__ = ["EMPTY", "FULL", "PARTIAL", "And", "Mask", "Not", "Or"]
 
 # Tile kinds, ordered so that AND is the minimum and OR the maximum of two kinds.
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -192,6 +192,8 @@ class Mask:
     def crop(self, Tq: int, Tk: int, q0: int, q1: int, k0: int, k1: int) -> Mask:
         """The rectangle [q0, q1) × [k0, k1) of a (Tq, Tk) problem as a mask of its own,
         for a (q1 - q0, k1 - k0) problem (query i is global query q0 + i, key j is k0 + j)."""
+        from ._crop import Crop
+
         return Crop(self, Tq, Tk, q0, q1, k0, k1)
 
     def plan(self, Tq: int, Tk: int, config=None, *, device=None):
@@ -370,64 +372,3 @@ class Not(Mask):
 
     def __repr__(self) -> str:
         return f"~({repr(self.inner).splitlines()[0]})"
-
-
-class Crop(Mask):
-    """The rectangle [q0, q1) × [k0, k1) of a mask over a (Tq, Tk) problem, as a mask over
-    a (q1 - q0, k1 - k0) problem: local query i is global query q0 + i, local key j is
-    global key k0 + j (what one step of ring attention sees of the global mask)."""
-
-    def __init__(self, inner: Mask, Tq: int, Tk: int, q0: int, q1: int, k0: int, k1: int):
-        self.inner = _require_mask(inner, "inner")
-        if not (0 <= q0 <= q1 <= Tq and 0 <= k0 <= k1 <= Tk):
-            raise ValueError(
-                f"crop: the rectangle [{q0}, {q1}) × [{k0}, {k1}) must lie in (Tq, Tk)={(Tq, Tk)}"
-            )
-        self.Tq, self.Tk, self.q0, self.q1, self.k0, self.k1 = Tq, Tk, q0, q1, k0, k1
-
-    def _sizes(self, Tq: int, Tk: int) -> None:
-        if (Tq, Tk) != (self.q1 - self.q0, self.k1 - self.k0):
-            raise ValueError(
-                f"mask: this crop is a {(self.q1 - self.q0, self.k1 - self.k0)} problem; "
-                f"got (Tq, Tk)={(Tq, Tk)}"
-            )
-
-    def submask(self, Tq, Tk, q0, q1, k0, k1, device=None):
-        self._sizes(Tq, Tk)
-        a, c = self.q0, self.k0
-        return self.inner.submask(self.Tq, self.Tk, a + q0, a + q1, c + k0, c + k1, device)
-
-    def region_kinds(self, Tq, Tk, q0, q1, k0, k1, block_q, block_k, device=None):
-        self._sizes(Tq, Tk)
-        a, c = self.q0, self.k0
-        return self.inner.region_kinds(
-            self.Tq, self.Tk, a + q0, a + q1, c + k0, c + k1, block_q, block_k, device
-        )
-
-    def check(self, B, H, Tq, Tk):
-        self._sizes(Tq, Tk)
-        self.inner.check(B, H, self.Tq, self.Tk)
-
-    def tile_key(self, Tq, Tk, q0, q1, k0, k1):
-        a, c = self.q0, self.k0
-        return self.inner.tile_key(self.Tq, self.Tk, a + q0, a + q1, c + k0, c + k1)
-
-    def cache_key(self):
-        key = self.inner.cache_key()
-        if key is None:
-            return None
-        return ("crop", key, self.Tq, self.Tk, self.q0, self.q1, self.k0, self.k1)
-
-    def mask_mod(self, Tq, Tk, device=None):
-        self._sizes(Tq, Tk)
-        inner = self.inner.mask_mod(self.Tq, self.Tk, device)
-        a, c = self.q0, self.k0
-        return lambda b, h, q_idx, kv_idx: inner(b, h, q_idx + a, kv_idx + c)
-
-    @property
-    def device(self):
-        return self.inner.device
-
-    def __repr__(self) -> str:
-        inner = repr(self.inner).splitlines()[0]
-        return f"({inner})[{self.q0}:{self.q1}, {self.k0}:{self.k1}] of {self.Tq}×{self.Tk}"
