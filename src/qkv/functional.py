@@ -103,12 +103,14 @@ def attention(
 
 
 def explain(q, k, v, **options) -> kernels.KernelChoice:
-    """Which kernel `qkv.attention(q, k, v, **options)` would run, and why; runs nothing."""
+    """Which kernel `qkv.attention(q, k, v, **options)` would run, and why; runs nothing,
+    and builds or compiles nothing (a native kernel not built yet is named as the one
+    that would run: the call builds it)."""
     kernel = options.pop("kernel", "auto")
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"explain got unexpected options {sorted(unknown)}")
-    return kernels.select(build_problem(q, k, v, **options), kernel)
+    return kernels.select(build_problem(q, k, v, **options), kernel, build=False)
 
 
 _OPTIONS = {

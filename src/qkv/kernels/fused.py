@@ -38,10 +38,7 @@ __all__ = ["native_built", "poison", "run", "unsupported"]
 def native_built() -> bool:
     """Whether the native kernel is loaded, without building it (a dispatch check must
     never start a compiler)."""
-    try:
-        return native.unavailable(build=False) is None
-    except TypeError:  # a native module whose check has no build= keyword
-        return native._state.get("fn") is not None
+    return native.unavailable(build=False) is None
 
 
 # torch's CPU flash kernel returns output 0 and lse 0 for a query row of NaN scores when
