@@ -151,22 +151,28 @@ class _Step:
                 self.parts.append((rect, p, plan))
 
 
+def _hand_on(ring: _Ring, spec: RingSpec, step: int, cur, nxt) -> tuple[int, list]:
+    """The rank whose block is in hand at `step`, and the transfers that hand it on to
+    the next rank (and bring the next block in), started before computing with it so that
+    they overlap the compute (none after the last hop)."""
+    works = ring.start(cur, nxt, _KV) if step < spec.schedule.hops else []
+    if not spec.overlap:
+        ring.wait(works)
+    return (ring.rank - step) % ring.world, works
+
+
 def _forward(q, k, v, ring: _Ring, spec: RingSpec):
     """out (B, Hq, S, Dv) and lse (B, Hq, S) in the stat dtype; lse -inf on empty rows,
     and the steps planned (for the backward)."""
     stat = stat_dtype(q.dtype)
-    W, hops = ring.world, spec.schedule.hops
+    hops = spec.schedule.hops
     out = q.new_zeros(spec.B, spec.S, spec.Hq, spec.Dv, dtype=stat).transpose(1, 2)
     lse = q.new_full((spec.B, spec.Hq, spec.S), float("-inf"), dtype=stat)
     cur = _pack(k.detach(), v.detach())  # the block in hand: this rank's own first
     nxt = torch.empty_like(cur) if hops > 0 else None
     steps: dict[int, _Step] = {}
     for step in range(hops + 1):
-        src = (ring.rank - step) % W
-        # hand the block on before computing with it: the send overlaps the compute
-        works = ring.start(cur, nxt, _KV) if step < hops else []
-        if not spec.overlap:
-            ring.wait(works)
+        src, works = _hand_on(ring, spec, step, cur, nxt)
         t0 = time.perf_counter()
         if spec.schedule.needed[ring.rank][src]:
             ring.stats.steps_computed += 1
@@ -188,7 +194,7 @@ def _forward(q, k, v, ring: _Ring, spec: RingSpec):
 def _backward(dout, q, k, v, out, lse, steps, ring: _Ring, spec: RingSpec):
     """dq (B, Hq, S, D), dk (B, Hkv, S, D), dv (B, Hkv, S, Dv) in the stat dtype."""
     stat = stat_dtype(q.dtype)
-    W, hops = ring.world, spec.schedule.hops
+    hops = spec.schedule.hops
     dq = q.new_zeros(spec.B, spec.S, spec.Hq, spec.D, dtype=stat).transpose(1, 2)
     kv_cur = _pack(k, v)
     kv_nxt = torch.empty_like(kv_cur) if hops > 0 else None
@@ -200,10 +206,7 @@ def _backward(dout, q, k, v, out, lse, steps, ring: _Ring, spec: RingSpec):
     dkv_works: list = []
     home: list = []  # (accumulator, transfers): finished shares on their way to the owner
     for step in range(hops + 1):
-        src = (ring.rank - step) % W
-        kv_works = ring.start(kv_cur, kv_nxt, _KV) if step < hops else []
-        if not spec.overlap:
-            ring.wait(kv_works)
+        src, kv_works = _hand_on(ring, spec, step, kv_cur, kv_nxt)
         t0 = time.perf_counter()
         dkv = q.new_zeros(n_dkv, dtype=stat)  # this rank's share of src's dk, dv
         if src in steps:
