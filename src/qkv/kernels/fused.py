@@ -35,10 +35,16 @@ SMALL_PROBLEM_NATIVE = 512 * 512
 __all__ = ["native_built", "poison", "run", "unsupported"]
 
 
+_loaded = False  # once loaded, the native kernel stays loaded for the process
+
+
 def native_built() -> bool:
     """Whether the native kernel is loaded, without building it (a dispatch check must
-    never start a compiler)."""
-    return native.unavailable(build=False) is None
+    never start a compiler). Remembered once true: the check reads /proc/cpuinfo."""
+    global _loaded
+    if not _loaded:
+        _loaded = native.unavailable(build=False) is None
+    return _loaded
 
 
 # torch's CPU flash kernel returns output 0 and lse 0 for a query row of NaN scores when

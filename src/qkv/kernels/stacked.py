@@ -77,11 +77,22 @@ def _additive(allowed: torch.Tensor, dtype, device):
 def _calls(x, job: Job, B: int):
     """The fused calls of one job: (q, k, v, additive mask, rows, write-back) per call.
 
-    Regular jobs make one call per batch element on views; others one gathered call.
+    A job of one block is one call on slices of every batch element (decoding: one query
+    block against a long cache); other regular jobs make one call per batch element on
+    views; the rest one gathered call.
     """
     n, r, k = len(job.q_starts), job.rows, job.keys
     allowed = job_mask(job)  # (Bm, n|1, Hm, r, k) or None
     device = x.q.device
+    if n == 1:
+        q0, k0 = job.q_starts[0], job.k_starts[0]
+        add = rows = None
+        if allowed is not None:
+            add, rows = _additive(allowed[:, 0], x.q.dtype, device)  # (Bm, Hm, r, k)
+        q = x.q[:, :, q0 : q0 + r]  # (B, H, r, W)
+        kk, vv = x.k[:, :, k0 : k0 + k], x.v[:, :, k0 : k0 + k]  # (B, H, k, W)
+        yield q, kk, vv, add, rows, ("single", q0, k0)
+        return
     steps = _steps(job)
     if steps is not None:
         (sq, sk), q0, k0 = steps, job.q_starts[0], job.k_starts[0]
@@ -106,19 +117,29 @@ def _calls(x, job: Job, B: int):
     yield q, kk, vv, add, rows, ("gathered", q_idx, k_idx)
 
 
-def _native(x, jobs: Jobs, i: int, dtype) -> bool:
-    """Whether fine job i runs on native.cpp (float32 on the CPU, evenly spaced blocks of
-    at least MIN_ROWS queries): where it is built, it was faster than torch's fused kernel
-    on every such job of the plans measured (windows, documents, causal)."""
-    job = jobs.fine[i]
+def _native_ready(x, jobs: Jobs, dtype) -> bool:
+    """Whether native.cpp may run jobs of this call: float32 on the CPU, plain tensors, and
+    a job of at least MIN_ROWS queries to run (only then is it built, right before its
+    first call). Asked once per call: the check reads the machine's state."""
     return (
         dtype == torch.float32
         and x.q.dtype == torch.float32
         and x.q.device.type == "cpu"
+        and any(job.rows >= native.MIN_ROWS and job.keys > 0 for job in jobs.fine)
+        and plain_tensors(x.q, x.k, x.v)
+        and native.unavailable() is None
+    )
+
+
+def _native(x, jobs: Jobs, i: int, ready: bool) -> bool:
+    """Whether fine job i runs on native.cpp (evenly spaced blocks of at least MIN_ROWS
+    queries): where it is built, it was faster than torch's fused kernel on every such job
+    of the plans measured (windows, documents, causal)."""
+    job = jobs.fine[i]
+    return (
+        ready
         and job.keys > 0
         and job.rows >= native.MIN_ROWS
-        and plain_tensors(x.q, x.k, x.v)
-        and native.unavailable() is None  # right before a native call: may build it
         and jobs.native_job(i)[0] is not None  # evenly spaced blocks
     )
 
@@ -158,6 +179,7 @@ def forward(x, jobs: Jobs, scale: float, shape, dtype) -> tuple[torch.Tensor, to
     device = x.q.device
     acc_o = acc_l = None
     fine = jobs.fine
+    ready = _native_ready(x, jobs, dtype)
     i = 0
     while i < len(fine):
         ordinal = fine[i].ordinal
@@ -166,7 +188,7 @@ def forward(x, jobs: Jobs, scale: float, shape, dtype) -> tuple[torch.Tensor, to
             job = fine[i]
             i += 1
             n, r = len(job.q_starts), job.rows
-            if _native(x, jobs, i - 1, dtype):
+            if _native(x, jobs, i - 1, ready):
                 _native_forward(x, jobs, i - 1, scale, slab_o, slab_l)
                 continue
             for q, k, v, add, rows, where in _calls(x, job, B):
@@ -178,7 +200,10 @@ def forward(x, jobs: Jobs, scale: float, shape, dtype) -> tuple[torch.Tensor, to
                     o, l = o + nan, l + nan[..., 0]
                 o = o.transpose(1, 2)  # (·, r, H, W)
                 l = l.transpose(1, 2)  # (·, r, H)
-                if where[0] == "regular":
+                if where[0] == "single":
+                    slab_o[:, where[1] : where[1] + r] = o
+                    slab_l[:, where[1] : where[1] + r] = l
+                elif where[0] == "regular":
                     b, sq, q0 = where[1], where[2], job.q_starts[0]
                     _rows(slab_o, b, q0, r, sq, n).copy_(o)
                     _rows(slab_l, b, q0, r, sq, n).copy_(l)
@@ -222,7 +247,11 @@ def backward(x, jobs: list[Job], scale: float, dout, out, lse, grads):
     for job in jobs:
         n, r, nk = len(job.q_starts), job.rows, job.keys
         for q, k, v, add, _, where in _calls(x, job, B):
-            if where[0] == "regular":
+            if where[0] == "single":
+                q0, k0 = where[1:]
+                do, o = dout[:, :, q0 : q0 + r], out[:, :, q0 : q0 + r]  # (B, H, r, W)
+                l = lse[:, :, q0 : q0 + r].contiguous()  # (B, H, r)
+            elif where[0] == "regular":
                 (b, sq, sk), q0, k0 = where[1:], job.q_starts[0], job.k_starts[0]
                 do = _windows(dout, b, q0, r, sq, n)  # (n, H, r, W)
                 o = _windows(out, b, q0, r, sq, n)
@@ -234,7 +263,11 @@ def backward(x, jobs: list[Job], scale: float, dout, out, lse, grads):
                 l = l.reshape(B * n, H, r)  # (B·n, H, r), contiguous
             dq, dk, dv = _flash_backward(do, q, k, v, o, l, 0.0, False, attn_mask=add, scale=scale)
             dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))  # token-major
-            if where[0] == "regular":
+            if where[0] == "single":
+                grads["q"][:, q0 : q0 + r] += dq
+                grads["k"][:, k0 : k0 + nk] += dk
+                grads["v"][:, k0 : k0 + nk] += dv
+            elif where[0] == "regular":
                 _rows(grads["q"], b, q0, r, sq, n).add_(dq)
                 _add_windows(grads["k"], b, k0, sk, dk)
                 _add_windows(grads["v"], b, k0, sk, dv)
