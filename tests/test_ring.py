@@ -210,6 +210,9 @@ def _errors_worker() -> dict:
     attempt("causal-differs", x, x, x, causal=rank == 1)
     attempt("dtype", x, x.float(), x)
     attempt("layout", x, x, x, layout="striped")
+    attempt("mask-type", x, x, x, mask=[True, False])
+    local_ids = torch.zeros(1, 4, dtype=torch.long)  # a shard's ids, not the global ones
+    attempt("mask-local", x, x, x, mask=qkv.masks.document(local_ids))
     # the group is still in step after all these: a valid call works
     attempt("valid", x, x, x, causal=True)
     return caught
@@ -293,6 +296,9 @@ def test_error_messages_across_a_pair(ring_group):
         assert "causal (rank 0: False, rank 1: True)" in caught["causal-differs"][1]
         assert caught["dtype"][0] == "TypeError" and "one dtype" in caught["dtype"][1]
         assert "layout must be one of" in caught["layout"][1]
+        assert caught["mask-type"][0] == "TypeError" and "qkv.masks mask" in caught["mask-type"][1]
+        kind, msg = caught["mask-local"]
+        assert kind == "ValueError" and "global sequence, T = world_size · shard length = 8" in msg
         assert caught["valid"] is None
     assert "q must have 4 dimensions" in r1["rank1-3d"][1]
     assert "rank(s) [1]" in r0["rank1-3d"][1]
