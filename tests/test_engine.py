@@ -9,6 +9,7 @@ sees of the global mask) classify their tiles like the dense rectangle they cut 
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -44,6 +45,8 @@ def test_a_plan_built_once_gives_identical_results():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
         for a, b in zip(runs[1], runs[2], strict=True):
             assert torch.equal(a, b)  # the reused plan: bit for bit
+    copy = pickle.loads(pickle.dumps(plan))  # plans travel to spawned processes
+    assert repr(copy) == repr(plan)
 
 
 def test_a_plan_prints_its_tile_map_and_checks_its_sizes():

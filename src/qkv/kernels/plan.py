@@ -179,6 +179,12 @@ class TilePlan(Mask):
                 got = self._jobs.setdefault(key, Jobs(coarse, fine, keys))
         return got
 
+    def __getstate__(self) -> dict:  # picklable (sent to spawned ranks): no lock, no jobs
+        return {**self.__dict__, "_lock": None, "_jobs": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def matches(self, Tq: int, Tk: int, config: TileConfig) -> bool:
         return (self.Tq, self.Tk, self.config) == (Tq, Tk, config)
 
