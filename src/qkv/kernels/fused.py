@@ -75,10 +75,12 @@ def unsupported(p: Problem) -> str | None:
         return None
     if p.mask.form == "key_padding":
         return None  # a (B, 1, 1, Tk) mask: torch broadcasts it, no Tq×Tk matrix
-    small = SMALL_PROBLEM
-    if p.dtype == torch.float32 and p.device.type == "cpu" and native_built():
-        small = SMALL_PROBLEM_NATIVE
-    if p.Tq * p.Tk <= small and p.Tk <= SMALL_PROBLEM_KEYS:
+    pairs = p.Tq * p.Tk
+    small = pairs <= SMALL_PROBLEM_NATIVE or (
+        pairs <= SMALL_PROBLEM  # in between, it depends on native tiles (asked last: slow)
+        and not (p.dtype == torch.float32 and p.device.type == "cpu" and native_built())
+    )
+    if small and p.Tk <= SMALL_PROBLEM_KEYS:
         return None  # a few tiles: skipping them saves less than tiling costs
     return "a structured mask over more than one tile: the tiled kernel skips empty tiles"
 
