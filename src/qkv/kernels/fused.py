@@ -24,8 +24,9 @@ from . import native
 # about even at 768², and 1.5-2× faster tiled at 1024²; a 1024-key window (almost the whole
 # matrix at that size) stays about even up to 1536².
 # A single query against a long cache still gains from reading only the window's keys
-# (bench "decode Tq=1, window", B=4, H=8, 8192 keys, a 1024-key window: 16 ms tiled against
-# 31 ms here with the (1, 1, 1, Tk) mask), hence the bound on the keys as well.
+# (bench "decode Tq=1, window", B=4, H=8, 8192 keys, a 1024-key window, 2 threads on a
+# busy machine: 12-16 ms tiled against 22-36 ms here with the (1, 1, 1, Tk) mask; 1.5 ms
+# against 9.4 ms on one thread), hence the bound on the keys as well.
 SMALL_PROBLEM = 768 * 768
 SMALL_PROBLEM_KEYS = 2048
 # With float32 tiles on the native kernel the tiled kernel wins sooner: at 512² it took
