@@ -220,7 +220,17 @@ def _errors_worker() -> dict:
 
 def _ring_worker(with_errors: bool) -> dict:
     rank, W = dist.get_rank(), dist.get_world_size()
-    results = {"cases": {c["name"]: _run_case(c, rank, W) for c in CASES}}
+    # count the tile jobs that ran on the native kernel (this spawned process only)
+    from qkv.kernels import native, stacked
+
+    original, ran = stacked._native_forward, []
+    stacked._native_forward = lambda *a: ran.append(1) or original(*a)
+    results = {"cases": {}}
+    for c in CASES:
+        ran.clear()
+        results["cases"][c["name"]] = {**_run_case(c, rank, W), "native_jobs": len(ran)}
+    stacked._native_forward = original
+    results["native"] = native.unavailable(build=False)
     if with_errors:
         results["errors"] = _errors_worker()
     return results
@@ -267,6 +277,17 @@ def test_ring_matches_single_process_attention(ring_group, W, case):
         assert r["bytes_received"] == r["bytes_expected"], f"rank {rank}: bytes received"
         if case.get("mask") is None and case.get("padding") is None:
             assert r["hops"] == W - 1  # causal and full attention: every hop
+
+
+@pytest.mark.parametrize("W", [1, 2], ids=lambda w: f"W{w}")
+def test_float32_ring_tiles_run_on_the_native_kernel(ring_group, W):
+    """The ring's steps run on the tile engine, so float32 tiles of at least 32 queries
+    (shards of 96 / W positions here) run on the native kernel where it is built."""
+    for rank, res in enumerate(ring_group(W)):
+        if res["native"] is not None:
+            pytest.skip(f"native kernel unavailable: {res['native']}")
+        assert res["cases"]["f32-window-gqa"]["native_jobs"] > 0, f"rank {rank}"
+        assert res["cases"]["window-contiguous"]["native_jobs"] == 0  # float64: torch's
 
 
 @pytest.mark.parametrize("W", [2, 4], ids=lambda w: f"W{w}")
