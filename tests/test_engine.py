@@ -103,7 +103,7 @@ def test_crops_classify_like_their_dense_rectangle(Tq, Tk, bq, bk, a, b, c, d, k
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("W", [1, 2, 3, 4])
+@pytest.mark.parametrize("W", [1, 2, 3, 5])
 def test_ring_steps_cover_exactly_the_global_mask(layout, W):
     """Without spawning: the rectangles of every (rank, src) step are exactly the global
     mask at those positions, and the schedule needs every step that allows a pair (and,
