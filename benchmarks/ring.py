@@ -15,6 +15,12 @@ it is the part the compute did not hide:
 FLOP rates follow FlashAttention-2's convention: forward 4·T²·D·H (halved for causal),
 backward 2.5× the forward. A separate ping of 8 MiB buffers around the 2-rank ring gives
 the loopback bandwidth per direction, the number docs/ring.md needs.
+
+    .venv/bin/python benchmarks/ring.py --window 256 --window-length 8192
+
+times a causal sliding window of 256 keys instead (contiguous layout, fwd+bwd) at each
+world size against `qkv.attention` on the whole sequence in one process, and reports the
+ring steps each rank computed and skipped: a window narrower than a shard needs one hop.
 """
 
 from __future__ import annotations
@@ -74,6 +80,66 @@ def _bench(lengths: list[int], reps: int) -> dict:
     return rows
 
 
+def _window_bench(T: int, w: int, reps: int) -> dict:
+    """Windowed ring (contiguous) fwd+bwd on this rank, and on rank 0 of a 1-process group
+    the same call of qkv.attention on the whole sequence."""
+    import qkv
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    mask = qkv.masks.window(w - 1)  # causal: the last w keys
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(B, H, T, D, generator=g) for _ in range(4)]
+    q, k, v, dout = (qd.shard(t, rank, W) for t in full)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def ring() -> tuple[float, qd.RingStats]:
+        stats = qd.RingStats()
+        dist.barrier()
+        t0 = time.perf_counter()
+        qd.ring_attention(q, k, v, mask=mask, stats=stats).backward(dout)
+        return time.perf_counter() - t0, stats
+
+    def single() -> float:
+        qq, kk, vv = (t.clone().requires_grad_() for t in full[:3])
+        t0 = time.perf_counter()
+        qkv.attention(qq, kk, vv, mask=mask).backward(full[3])
+        return time.perf_counter() - t0
+
+    ring()  # warm-up
+    best, best_stats, best_single = float("inf"), None, float("inf")
+    for _ in range(reps):
+        t, stats = ring()
+        if t < best:
+            best, best_stats = t, stats
+        if W == 1:
+            best_single = min(best_single, single())
+    return dict(time=best, single=best_single if W == 1 else None,
+                computed=best_stats.steps_computed, skipped=best_stats.steps_skipped,
+                sent=best_stats.bytes_sent)  # fmt: skip
+
+
+def _window_main(worlds: list[int], T: int, w: int, reps: int) -> None:
+    print(f"causal window of {w} keys, float32 ring attention, contiguous layout, B={B} H={H}")
+    print(f"D={D}, T={T}, fwd+bwd, one torch thread per rank; load before: {_load()}")
+    head = f"{'W':>2} {'S':>6} {'ms':>8} {'steps computed/skipped':>24} {'MB sent/rank':>12}"
+    rows, single = [], None
+    for W in worlds:
+        per_rank = qd.run_local(_window_bench, W, T, w, reps, timeout=600)
+        t = max(r["time"] for r in per_rank)
+        steps = "/".join(f"{r['computed']}+{r['skipped']}" for r in per_rank)
+        rows.append(f"{W:>2} {T // W:>6} {t * 1e3:>8.1f} {steps:>24} "
+                    f"{per_rank[0]['sent'] / 2**20:>12.2f}")  # fmt: skip
+        if W == 1:
+            single = per_rank[0]["single"]
+    print(f"load after: {_load()}\n")
+    print(head)
+    print("-" * len(head))
+    print("\n".join(rows))
+    if single is not None:
+        print(f"\none process, qkv.attention on all {T} tokens: {single * 1e3:.1f} ms")
+    print("steps: computed+skipped per rank (forward and backward), rank 0 first")
+
+
 def _bandwidth(nbytes: int, reps: int) -> float:
     """Bytes per second per direction when every rank sends to the next and receives."""
     rank, W = dist.get_rank(), dist.get_world_size()
@@ -103,10 +169,15 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=None)
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--window", type=int, default=None, help="keys of a causal window")
+    parser.add_argument("--window-length", type=int, default=8192)
     args = parser.parse_args()
     worlds = args.worlds or ([1, 2] if args.quick else [1, 2, 4])
     lengths = args.lengths or ([512] if args.quick else [512, 4096])
     reps = args.reps or (1 if args.quick else 3)
+    if args.window is not None:
+        _window_main(worlds, args.window_length, args.window, reps)
+        return
 
     print(f"causal float32 ring attention, zigzag layout, B={B} H={H} D={D}, fwd+bwd,")
     print(f"{os.cpu_count()} cores, one torch thread per rank, gloo over 127.0.0.1")

@@ -3,7 +3,7 @@
 For each workload, times the tiled kernel forward (and forward+backward) with several
 (block_q, block_k) pairs, interleaved, medians; then, with the default tiles, the rows of
 the sub-blocks masked blocks are refined into (forward; 256 = not refined). The defaults
-in qkv/kernels/tiles.py (BLOCK_Q, BLOCK_K, REFINE_ROWS) are chosen from these tables.
+of qkv.kernels.TileConfig (block_q, block_k, refine_rows) are chosen from these tables.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import torch
 
 from qkv import masks
 from qkv._validate import build_problem
-from qkv.kernels import tiled
+from qkv.kernels import TileConfig, tiled
 
 SIZES = [(64, 64), (128, 64), (128, 128), (256, 64), (256, 128), (256, 256), (512, 128)]
 REFINE_ROWS = [16, 32, 64, 128, 256]
+DEFAULT_ROWS = TileConfig().refine_rows
 
 
 def workloads(quick: bool):
@@ -41,9 +42,10 @@ def time_sizes(B, H, T, mask, causal, backward, repeats, configs=None):
     q, k, v = (torch.randn(B, H, T, 64, generator=g).requires_grad_(backward) for _ in range(3))
     p = build_problem(q, k, v, mask=mask, causal=causal, return_lse=True)
 
-    def once(bq, bk, rows=tiled.REFINE_ROWS):
+    def once(bq, bk, rows=DEFAULT_ROWS):
+        config = TileConfig(block_q=bq, block_k=bk, refine_rows=rows)
         t0 = time.perf_counter()
-        out = tiled.run(q, k, v, p, block_q=bq, block_k=bk, refine_rows=rows).output
+        out = tiled.run(q, k, v, p, config=config).output
         if backward:
             out.sum().backward()
         return time.perf_counter() - t0

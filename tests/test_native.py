@@ -25,6 +25,7 @@ from conftest import assert_close, make_qkv, naive_attention, naive_lse, numpy_t
 from qkv import masks
 from qkv._validate import build_problem
 from qkv.kernels import native, stacked, tiled
+from qkv.kernels.plan import PlanCache
 
 WHY = native.unavailable()
 needs_native = pytest.mark.skipif(WHY is not None, reason=f"native kernel unavailable: {WHY}")
@@ -349,7 +350,7 @@ def test_plans_are_cached_only_for_masks_their_key_identifies():
 def test_plan_cache_is_safe_across_threads(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr(tiled, "_PLAN_CACHE_SIZE", 1)  # evictions all the time
+    monkeypatch.setattr(tiled, "PLANS", PlanCache(size=1))  # evictions all the time
     q, k, v = (t.detach() for t in make_qkv((1, 1, 1, 300, 300, 8, 8), torch.float32))
 
     def call(i):

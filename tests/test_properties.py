@@ -40,6 +40,7 @@ from conftest import (
 from qkv import kernels, masks
 from qkv._validate import build_problem
 from qkv.kernels import tiled
+from qkv.kernels.plan import TileConfig
 from qkv.kernels.tiles import plan_tiles
 
 KERNELS = ["reference", "fused", "tiled", "tiled-small"]
@@ -290,7 +291,8 @@ def check_case(case: Case, kernel: str) -> None:
     if kernel == "fused":
         options.pop("bias")
     if kernel.startswith("tiled") and currently_in_test_context():
-        tiles = case.block if kernel == "tiled-small" else (tiled.BLOCK_Q, tiled.BLOCK_K)
+        default = TileConfig()
+        tiles = case.block if kernel == "tiled-small" else (default.block_q, default.block_k)
         plan = plan_tiles(build_problem(q, k, v, mask=mask, causal=causal).mask, Tq, Tk, *tiles)
         most = max((len(blk.segments) for blk in plan), default=0)
         event("tiles: partial results merged" if most > 1 else "tiles: one segment per block")

@@ -20,7 +20,6 @@ import torch.distributed as dist
 import qkv
 import qkv.distributed as qd
 from conftest import ATOL, FACTOR, max_err
-from qkv.distributed import _blocks
 
 T = 24  # global length: 4 ranks × 6, or 8 zigzag chunks of 3
 WORLDS = (1, 2, 4)
@@ -55,7 +54,59 @@ CASES = [
         padding=[40, 13],
     ),
     _case("bf16-zigzag-causal", "bfloat16", B=2, Hq=4, T=48, D=16, Dv=16, causal=True),
-]
+] + [  # masks over global positions (see _global_mask)
+    _case(f"{name}-{layout}", layout=layout, mask=name, **kw)
+    for layout in qd.LAYOUTS
+    for name, kw in [
+        ("window", {}),  # window(5): reaches one shard back at W = 4
+        ("narrow-window", dict(B=2)),  # window(2): one hop on a contiguous ring
+        ("documents", dict(B=2, causal=True)),  # packed causal documents
+        ("window&padding", dict(B=4, Hq=4, Hkv=2, padding=[19, 0, 7, T])),
+        ("documents&padding", dict(B=2, Hq=4, Hkv=1, causal=True, padding=[13, 22])),
+    ]
+] + [
+    _case("f32-window-gqa", "float32", B=2, Hq=4, Hkv=2, T=96, D=16, Dv=16, mask="window"),
+    _case("f32-documents&padding-zigzag", "float32", B=2, Hq=4, Hkv=1, T=96, D=16, Dv=16,
+          causal=True, padding=[90, 41], layout="zigzag", mask="documents"),
+]  # fmt: skip
+
+
+def _global_mask(name: str | None, B: int, T: int):
+    """The mask= of a case, over global positions (the same on every rank)."""
+    if name is None:
+        return None
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 4, (B, T), generator=g).sort(-1).values  # packed documents
+    return {
+        "window": qkv.masks.window(5),
+        "narrow-window": qkv.masks.window(2),
+        "documents": qkv.masks.document(ids),
+        "window&padding": qkv.masks.window(7),
+        "documents&padding": qkv.masks.document(ids),
+    }[name.split("&padding")[0] if name.endswith("&padding") else name]
+
+
+def expected_hops(c: dict, W: int) -> int:
+    """The farthest hop (r - src) mod W with an allowed pair, from the dense global mask."""
+    B, T, layout = c["B"], c["T"], c.get("layout", "contiguous")
+    allowed = torch.ones(B, T, T, dtype=torch.bool)
+    mask = _global_mask(c.get("mask"), B, T)
+    if mask is not None:
+        allowed &= mask.to_dense(B, 1, T, T)[:, 0]
+    if c.get("causal"):
+        allowed &= torch.ones(T, T, dtype=torch.bool).tril()
+    if c.get("padding") is not None:
+        allowed &= torch.arange(T)[None, None, :] < torch.tensor(c["padding"])[:, None, None]
+    pos = [qd.positions(r, W, T, layout=layout) for r in range(W)]
+    return max(
+        (
+            (r - src) % W
+            for r in range(W)
+            for src in range(W)
+            if allowed[:, pos[r]][:, :, pos[src]].any()
+        ),
+        default=0,
+    )
 
 
 def _run_case(c: dict, rank: int, W: int) -> dict:
@@ -75,7 +126,9 @@ def _run_case(c: dict, rank: int, W: int) -> dict:
     dout = torch.randn(c["B"], c["Hq"], c["T"], c["Dv"], generator=g, dtype=torch.float64)
     full = [t.to(dtype).double() for t in full]  # the inputs as the tested dtype sees them
     dout = dout.to(dtype)
-    mask = qkv.masks.padding(padding) if padding is not None else None
+    user_mask = _global_mask(c.get("mask"), c["B"], c["T"])
+    pad = qkv.masks.padding(padding) if padding is not None else None
+    mask = qkv.masks.combine(user_mask, pad)
 
     def single(dt):
         q, k, v = (t.to(dt).requires_grad_() for t in full)
@@ -95,6 +148,7 @@ def _run_case(c: dict, rank: int, W: int) -> dict:
         q,
         k,
         v,
+        mask=user_mask,
         causal=causal,
         padding=padding,
         layout=layout,
@@ -108,6 +162,7 @@ def _run_case(c: dict, rank: int, W: int) -> dict:
     S = c["T"] // W
     kv_values = c["B"] * S * c["Hkv"] * (c["D"] + c["Dv"])
     stat_size = 8 if dtype == torch.float64 else 4
+    hops = expected_hops(c, W)
     return dict(
         err={n: max_err(a, t) for n, a, t in zip(names, got, truth, strict=True)},
         base={n: max_err(b, t) for n, b, t in zip(names, base, truth, strict=True)}
@@ -116,12 +171,17 @@ def _run_case(c: dict, rank: int, W: int) -> dict:
         nan=any(bool(torch.isnan(x).any()) for x in got),
         dtypes=[str(x.dtype) for x in (res.output, *grads)],
         bytes_sent=stats.bytes_sent,
-        # forward (W-1)·|kv|, backward (W-1)·|kv| + W·|dkv| (dkv in the stat dtype)
+        bytes_received=stats.bytes_received,
+        # forward h·|kv|, backward h·|kv| + (h+1)·|dkv| (dkv in the stat dtype), with
+        # h = W-1 hops unless the mask lets the ring stop sooner
         bytes_expected=(
             0
-            if W == 1
-            else 2 * (W - 1) * kv_values * torch.finfo(dtype).bits // 8 + W * kv_values * stat_size
+            if hops == 0
+            else 2 * hops * kv_values * torch.finfo(dtype).bits // 8
+            + (hops + 1) * kv_values * stat_size
         ),
+        hops=hops,
+        steps=(stats.steps_computed, stats.steps_skipped),
     )
 
 
@@ -150,6 +210,9 @@ def _errors_worker() -> dict:
     attempt("causal-differs", x, x, x, causal=rank == 1)
     attempt("dtype", x, x.float(), x)
     attempt("layout", x, x, x, layout="striped")
+    attempt("mask-type", x, x, x, mask=[True, False])
+    local_ids = torch.zeros(1, 4, dtype=torch.long)  # a shard's ids, not the global ones
+    attempt("mask-local", x, x, x, mask=qkv.masks.document(local_ids))
     # the group is still in step after all these: a valid call works
     attempt("valid", x, x, x, causal=True)
     return caught
@@ -157,7 +220,17 @@ def _errors_worker() -> dict:
 
 def _ring_worker(with_errors: bool) -> dict:
     rank, W = dist.get_rank(), dist.get_world_size()
-    results = {"cases": {c["name"]: _run_case(c, rank, W) for c in CASES}}
+    # count the tile jobs that ran on the native kernel (this spawned process only)
+    from qkv.kernels import native, stacked
+
+    original, ran = stacked._native_forward, []
+    stacked._native_forward = lambda *a: ran.append(1) or original(*a)
+    results = {"cases": {}}
+    for c in CASES:
+        ran.clear()
+        results["cases"][c["name"]] = {**_run_case(c, rank, W), "native_jobs": len(ran)}
+    stacked._native_forward = original
+    results["native"] = native.unavailable(build=False)
     if with_errors:
         results["errors"] = _errors_worker()
     return results
@@ -201,6 +274,34 @@ def test_ring_matches_single_process_attention(ring_group, W, case):
                 f"W={W} rank {rank} {what}: error {err:.3g} > {bound:.3g} (baseline {base:.3g})"
             )
         assert r["bytes_sent"] == r["bytes_expected"], f"rank {rank}: bytes sent"
+        assert r["bytes_received"] == r["bytes_expected"], f"rank {rank}: bytes received"
+        if case.get("mask") is None and case.get("padding") is None:
+            assert r["hops"] == W - 1  # causal and full attention: every hop
+
+
+@pytest.mark.parametrize("W", [1, 2], ids=lambda w: f"W{w}")
+def test_float32_ring_tiles_run_on_the_native_kernel(ring_group, W):
+    """The ring's steps run on the tile engine, so float32 tiles of at least 32 queries
+    (shards of 96 / W positions here) run on the native kernel where it is built."""
+    for rank, res in enumerate(ring_group(W)):
+        if res["native"] is not None:
+            pytest.skip(f"native kernel unavailable: {res['native']}")
+        assert res["cases"]["f32-window-gqa"]["native_jobs"] > 0, f"rank {rank}"
+        assert res["cases"]["window-contiguous"]["native_jobs"] == 0  # float64: torch's
+
+
+@pytest.mark.parametrize("W", [2, 4], ids=lambda w: f"W{w}")
+def test_a_narrow_window_ring_stops_after_one_hop(ring_group, W):
+    """window(2) on a contiguous ring: each rank needs its own block and the last keys
+    of the previous rank's, so a ring of any size runs one hop (its other W - 2 steps are
+    neither computed nor sent), and rank 0, which needs no other block, skips its step."""
+    for rank, res in enumerate(ring_group(W)):
+        r = res["cases"]["narrow-window-contiguous"]
+        assert r["hops"] == 1
+        computed, skipped = r["steps"]  # forward and backward: own block and r-1's
+        assert computed == (2 if rank == 0 else 4) and skipped == (2 if rank == 0 else 0)
+        kv = 2 * (T // W) * 2 * (7 + 7) * 8  # B=2, S, Hkv=2, D+Dv=14, float64
+        assert r["bytes_received"] == 2 * kv + 2 * kv  # k, v twice; dk, dv one hop + home
 
 
 def test_error_messages_across_a_pair(ring_group):
@@ -216,6 +317,9 @@ def test_error_messages_across_a_pair(ring_group):
         assert "causal (rank 0: False, rank 1: True)" in caught["causal-differs"][1]
         assert caught["dtype"][0] == "TypeError" and "one dtype" in caught["dtype"][1]
         assert "layout must be one of" in caught["layout"][1]
+        assert caught["mask-type"][0] == "TypeError" and "qkv.masks mask" in caught["mask-type"][1]
+        kind, msg = caught["mask-local"]
+        assert kind == "ValueError" and "global sequence, T = world_size · shard length = 8" in msg
         assert caught["valid"] is None
     assert "q must have 4 dimensions" in r1["rank1-3d"][1]
     assert "rank(s) [1]" in r0["rank1-3d"][1]
@@ -259,32 +363,6 @@ def test_layout_errors_name_the_argument():
         qd.unshard(x, layout="zigzag")
     with pytest.raises(ValueError, match="one shape"):
         qd.unshard([x, x[:, :, :6]])
-
-
-@pytest.mark.parametrize("layout", qd.LAYOUTS)
-@pytest.mark.parametrize("W", [1, 2, 3, 5])
-def test_step_plans_cover_exactly_the_causal_mask(layout, W):
-    """The tiles of every (rank, src) step cover exactly the pairs that global causality
-    and padding allow, and nothing twice (a planning mistake shows here without spawning)."""
-    S, lengths = 6, torch.tensor([0, 4, 17, 30])
-    T = W * S
-    for causal in (False, True):
-        for rank in range(W):
-            qpos = qd.positions(rank, W, T, layout=layout)
-            for src in range(W):
-                kpos = qd.positions(src, W, T, layout=layout)
-                want = kpos[None, None, :] < lengths[:, None, None]  # (B, S, S)
-                if causal:
-                    want = want & (kpos[None, :] <= qpos[:, None])
-                got = torch.zeros(len(lengths), S, S, dtype=torch.int64)
-                for t in _blocks.plan_step(
-                    rank, src, S, layout=layout, causal=causal, key_pos=kpos, lengths=lengths
-                ):
-                    allowed = _blocks._allowed(t, None)
-                    tile = torch.ones(t.q1 - t.q0, t.k1 - t.k0, dtype=torch.bool)
-                    tile = tile if allowed is None else tile & allowed[:, 0]
-                    got[:, t.q0 : t.q1, t.k0 : t.k1] += tile.expand(len(lengths), -1, -1)
-                assert torch.equal(got, want.expand(-1, S, -1).long()), (causal, rank, src)
 
 
 def _raise_on_rank_1():

@@ -22,6 +22,7 @@ from conftest import (
 from qkv import masks
 from qkv._validate import build_problem
 from qkv.kernels import tiled
+from qkv.kernels.plan import TileConfig, TilePlan
 from qkv.kernels.tiles import group_jobs, plan_tiles, refine_jobs
 
 
@@ -262,41 +263,37 @@ def test_refined_window_reads_the_window_plus_one_sub_block():
 
 @pytest.mark.parametrize("mask_name", ["window", "causal-window", "document", "document&causal"])
 @pytest.mark.parametrize("segments", ["few", "many"])
-def test_refined_jobs_change_nothing(mask_name, segments, monkeypatch):
+def test_refined_jobs_change_nothing(mask_name, segments):
     """Sub-blocks (and their widened, masked key spans) give the unrefined results,
     also when a block has several segments whose keys a widened span reaches into."""
-    from qkv.kernels import tiles
-
-    if segments == "many":  # full runs of more than 8 keys become segments of their own
-        monkeypatch.setattr(tiles, "_MAX_MASKED_FULL", 8)
+    # "many": full runs of more than 8 keys become segments of their own
+    base = TileConfig(block_q=16, block_k=8, max_masked_full=8 if segments == "many" else 1024)
     B, Hq, Hkv, Tq, Tk = 2, 4, 2, 70, 90
     mask, causal = _masks(B, Tq, Tk)[mask_name]
+    full = masks.combine(masks.causal() if causal else None, mask)
     q, k, v = make_qkv((B, Hq, Hkv, Tq, Tk, 8, 8), torch.float64)
     dout = torch.randn(B, Hq, Tq, 8, dtype=torch.float64)
-    refined = []
-    original = tiles.refine_jobs
 
-    def spy(jobs, Tk, rows):
-        out = original(jobs, Tk, rows)
-        refined.append(
-            len(out) != len(jobs) or any(a is not b for a, b in zip(out, jobs, strict=False))
+    def refined(rows):
+        jobs = TilePlan(full, Tq, Tk, TileConfig(**{**base.__dict__, "refine_rows": rows}))
+        jobs = jobs.jobs(Hq, compact=True)
+        return len(jobs.fine) != len(jobs.coarse) or any(
+            a is not b for a, b in zip(jobs.fine, jobs.coarse, strict=False)
         )
-        return out
-
-    monkeypatch.setattr(tiled, "refine_jobs", spy)
 
     def run(rows):
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        res = run_tiled(qq, kk, vv, mask=mask, causal=causal, refine_rows=rows)
+        config = TileConfig(**{**base.__dict__, "refine_rows": rows})
+        p = build_problem(qq, kk, vv, mask=mask, causal=causal, return_lse=True)
+        res = tiled.run(qq, kk, vv, p, config=config)
         res.output.backward(dout)
         return res.output, res.lse, qq.grad, kk.grad, vv.grad
 
     whole = run(16)  # sub-blocks as large as the blocks: nothing to refine
-    assert not any(refined)
+    assert not refined(16)
     for rows in (4, 1):
-        refined.clear()
+        assert refined(rows)  # the refinement really runs
         got = run(rows)
-        assert any(refined)  # the refinement really ran
         for a, b in zip(got, whole, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
@@ -328,23 +325,15 @@ def test_strided_and_gathered_jobs_agree(mask_name, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_decoding_with_a_window_reads_only_the_window(monkeypatch):
+def test_decoding_with_a_window_reads_only_the_window():
     """Tq = 1 against a long cache: only the window's keys are copied, gradients go home."""
-    from qkv.kernels import tiles
-
-    kept = []
-    original = tiles.compact_keys
-
-    def spy(jobs, Tk, device=None):
-        positions, renumbered = original(jobs, Tk, device)
-        kept.append(None if positions is None else positions.numel())
-        return positions, renumbered
-
-    monkeypatch.setattr("qkv.kernels.tiled.compact_keys", spy)
     q, k, v = make_qkv((2, 4, 2, 1, 300, 16, 16), torch.float64)
     res = run_tiled(q, k, v, mask=masks.window(20))
     res.output.sum().backward()
-    assert kept and kept[0] is not None and kept[0] < 300
+    config = TileConfig(block_q=16, block_k=8, refine_rows=4)
+    plan = tiled.PLANS.get(masks.window(20), 1, 300, config, q.device)  # the run's plan
+    keys = plan.jobs(4, compact=True, device=q.device).keys
+    assert keys is not None and keys.numel() < 300
     q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
     want = qkv.attention(q2, k2, v2, mask=masks.window(20), kernel="reference")
     want.sum().backward()

@@ -116,7 +116,7 @@ CASES = [
     (
         dict(kernel="fast"),
         ValueError,
-        r"kernel must be 'auto' or one of \['fused', 'native', 'reference', 'tiled'\]; got 'fast'",
+        r"kernel must be 'auto' or one of \['flex', 'fused', 'native', 'reference', 'tiled'\]; got 'fast'",
     ),
     (
         dict(kernel="fused", return_weights=True),

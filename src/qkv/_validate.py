@@ -13,7 +13,12 @@ import torch
 from . import masks
 from ._types import Problem, plain_tensors
 
-__all__ = ["build_problem"]
+# Mirrors of the dispatch's thresholds (kernels/fused.py, kernels/native.py), read here so
+# that the quick path below never imports the kernels' modules on the hot path.
+_POISON_BELOW_KEYS = 64
+_NATIVE_MIN_ROWS = 32
+
+__all__ = ["build_problem", "quick_sdpa"]
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -174,5 +179,72 @@ def build_problem(
         device=q.device,
         needs_grad=torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (q, k, v, bias)),
-        direct=plain_tensors(q, k, v),
+        # only the native kernel reads this, and only for Tq >= its MIN_ROWS queries: the
+        # check costs microseconds a decoding step need not pay
+        direct=Tq >= _NATIVE_MIN_ROWS and Tk > 0 and plain_tensors(q, k, v),
     )
+
+
+def quick_sdpa(q, k, v, mask, causal, scale):
+    """(attn_mask, is_causal, scale, enable_gqa) for torch's SDPA when the call is one of
+    the common cases the dispatch would send to the fused kernel as it stands: no mask,
+    causal=True with Tq in (1, Tk), or key padding; None when the full validation and
+    dispatch must decide (anything unusual, including every wrong input).
+
+    A decoding loop calls attention once per layer per token; at one query against a
+    short cache the checks of `build_problem` and the walk over every kernel cost more
+    than the attention (benchmarks/dispatch_cost.py).
+    """
+    T = torch.Tensor
+    if type(q) is not T or type(k) is not T or type(v) is not T:
+        return None
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    dtype, device = q.dtype, q.device
+    if k.dtype != dtype or v.dtype != dtype or not dtype.is_floating_point:
+        return None
+    if k.device != device or v.device != device:
+        return None
+    B, Hq, Tq, D = q.shape
+    Bk, Hkv, Tk, Dk = k.shape
+    Bv, Hv, Tv, _ = v.shape
+    if Bk != B or Bv != B or Hv != Hkv or Tv != Tk or Dk != D or Hkv == 0 or Hq % Hkv:
+        return None
+    if Tk == 0 or D == 0:
+        return None
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (
+        Tq >= _NATIVE_MIN_ROWS
+        and dtype == torch.float32
+        and device.type == "cpu"
+        and not wants_grad
+    ):
+        return None  # the native kernel may take it: the dispatch decides
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif type(scale) is float or type(scale) is int:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            return None
+    else:
+        return None
+    attn_mask, is_causal = None, False
+    if causal is True and Tq != 1:
+        if mask is not None or Tq != Tk:
+            return None
+        is_causal = True
+    elif causal is not True and causal is not False:
+        return None
+    if mask is not None:
+        if not isinstance(mask, masks.Mask) or mask.form != "key_padding":
+            return None
+        lengths = mask.key_lengths
+        if lengths.shape[0] != B or lengths.device.type != device.type:
+            return None
+        try:
+            attn_mask = mask.key_mask(Tk, device)  # (B, 1, 1, Tk), kept by the mask
+        except ValueError:
+            return None
+    elif Tk < _POISON_BELOW_KEYS:
+        return None  # see kernels/fused.poison
+    return attn_mask, is_causal, scale, Hq != Hkv

@@ -6,10 +6,11 @@ Letters: B batch, Hq query heads, Hkv key/value heads, Tq/Tk lengths, D/Dv head 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels
 from ._types import AttentionOutput
-from ._validate import build_problem
+from ._validate import build_problem, quick_sdpa
 from .masks import Mask
 
 __all__ = ["attention", "attention_weights", "explain"]
@@ -55,7 +56,7 @@ def attention(
         return_lse: also return the (B, Hq, Tq) log-sum-exp of the scores (float32+).
         generator: torch.Generator for dropout, for reproducible runs.
         kernel: "auto" (fastest that supports the call; see `qkv.explain`) or the name of
-            one kernel to force ("reference", "fused").
+            one kernel to force: "reference", "fused", "tiled", "native" or "flex".
 
     Returns:
         The output (B, Hq, Tq, Dv) in the input dtype; with `return_weights` or
@@ -65,6 +66,22 @@ def attention(
     A query row that may attend to nothing (every key masked) gets output 0, weights 0,
     lse -inf and zero gradients, never NaN.
     """
+    if (
+        bias is None
+        and return_weights is False
+        and return_lse is False
+        and type(kernel) is str
+        and kernel == "auto"
+        and (dropout_p == 0 if type(dropout_p) in (float, int) else False)
+    ):
+        # the common cases (no mask, causal, key padding) straight to torch's kernel, as the
+        # dispatch below would choose, without its cost (see _validate.quick_sdpa)
+        quick = quick_sdpa(q, k, v, mask, causal, scale)
+        if quick is not None:
+            attn_mask, is_causal, scale, gqa = quick
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
+            )  # (B, Hq, Tq, Dv)
     problem = build_problem(
         q,
         k,
@@ -86,12 +103,14 @@ def attention(
 
 
 def explain(q, k, v, **options) -> kernels.KernelChoice:
-    """Which kernel `qkv.attention(q, k, v, **options)` would run, and why; runs nothing."""
+    """Which kernel `qkv.attention(q, k, v, **options)` would run, and why; runs nothing,
+    and builds or compiles nothing (a native kernel not built yet is named as the one
+    that would run: the call builds it)."""
     kernel = options.pop("kernel", "auto")
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"explain got unexpected options {sorted(unknown)}")
-    return kernels.select(build_problem(q, k, v, **options), kernel)
+    return kernels.select(build_problem(q, k, v, **options), kernel, build=False)
 
 
 _OPTIONS = {

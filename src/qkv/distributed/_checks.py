@@ -11,6 +11,7 @@ error, so its peers never wait for it.
 from __future__ import annotations
 
 import numbers
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,9 @@ import torch.distributed as dist
 
 from .. import masks
 from .._validate import build_problem
-from . import _blocks
+from ..kernels import engine
+from ..kernels.plan import TileConfig
+from ._steps import Schedule, schedule
 from .layout import check_layout
 
 __all__ = ["RingSpec", "check_inputs", "group_ranks"]
@@ -40,16 +43,21 @@ class RingSpec:
     layout: str
     scale: float
     lengths: torch.Tensor | None  # (B,) int64 global key lengths, on q's device
-    engine: str  # "fused" or "math"
+    mask: masks.Mask | None  # over global (T, T) positions: causal, padding and mask= ANDed
+    user_mask: masks.Mask | None  # mask= as given (for the cross-rank check)
+    schedule: Schedule  # which blocks each rank needs, how many hops the ring runs
+    engine: str  # the tile engine's executor: "fused" or "math"
     overlap: bool
+    config: TileConfig
+    direct: bool  # native code may read q, k, v's memory
 
     @property
     def group_size(self) -> int:
         return self.Hq // self.Hkv
 
 
-def group_ranks(group) -> tuple[int, int, int, int]:
-    """(rank, world, global rank of the next, of the previous) in the ring of `group`."""
+def group_ranks(group) -> tuple[int, int, list[int]]:
+    """(rank, world, the global ranks of the group in group-rank order)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "ring_attention needs an initialised default process group: call "
@@ -61,7 +69,7 @@ def group_ranks(group) -> tuple[int, int, int, int]:
         raise ValueError("group: this process is not a member of the process group passed")
     world = dist.get_world_size(group)
     ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-    return rank, world, ranks[(rank + 1) % world], ranks[(rank - 1) % world]
+    return rank, world, list(ranks)
 
 
 def _lengths(padding, B: int, T: int, device) -> torch.Tensor | None:
@@ -69,11 +77,12 @@ def _lengths(padding, B: int, T: int, device) -> torch.Tensor | None:
     if padding is None:
         return None
     if isinstance(padding, masks.Mask):
-        if not hasattr(padding, "lengths"):
+        if padding.form != "key_padding":
             raise TypeError(
-                f"padding must be key lengths or qkv.masks.padding(lengths); got {padding!r}"
+                f"padding must be key lengths or qkv.masks.padding(lengths); got {padding!r} "
+                "(other masks go to mask=)"
             )
-        padding = padding.lengths
+        padding = padding.key_lengths
     if isinstance(padding, torch.Tensor):
         if padding.is_floating_point() or padding.dtype == torch.bool or padding.dim() != 1:
             raise TypeError(
@@ -96,7 +105,28 @@ def _lengths(padding, B: int, T: int, device) -> torch.Tensor | None:
     return lengths
 
 
-def _local(q, k, v, *, causal, padding, layout, scale, overlap, world) -> RingSpec:
+def _global_mask(mask, B: int, H: int, T: int) -> masks.Mask | None:
+    """mask= as a qkv.masks mask over the global (T, T) positions, checked."""
+    if mask is None:
+        return None
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        mask = masks.from_dense(mask)
+    if not isinstance(mask, masks.Mask):
+        raise TypeError(
+            f"mask must be None or a qkv.masks mask over global positions; got "
+            f"{type(mask).__name__}"
+        )
+    try:
+        mask.check(B, H, T, T)
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (ring_attention: the mask is over the global sequence, T = world_size · "
+            f"shard length = {T})"
+        ) from None
+    return mask
+
+
+def _local(q, k, v, *, mask, causal, padding, layout, scale, overlap, config, world) -> RingSpec:
     p = build_problem(q, k, v, causal=causal, scale=scale)
     if p.Tq == 0:
         raise ValueError(f"ring_attention: the shards must not be empty; got q {tuple(q.shape)}")
@@ -114,6 +144,17 @@ def _local(q, k, v, *, causal, padding, layout, scale, overlap, world) -> RingSp
         )
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be a bool; got {type(overlap).__name__} {overlap!r}")
+    config = TileConfig() if config is None else config
+    if not isinstance(config, TileConfig):
+        raise TypeError(f"config must be a qkv.kernels.TileConfig; got {config!r}")
+    T = world * p.Tq
+    user_mask = _global_mask(mask, p.B, p.Hq, T)
+    lengths = _lengths(padding, p.B, T, q.device)
+    full = masks.combine(
+        masks.causal() if causal else None,
+        None if lengths is None else masks.padding(lengths),
+        user_mask,
+    )
     return RingSpec(
         B=p.B,
         Hq=p.Hq,
@@ -124,16 +165,21 @@ def _local(q, k, v, *, causal, padding, layout, scale, overlap, world) -> RingSp
         causal=causal,
         layout=layout,
         scale=p.scale,
-        lengths=_lengths(padding, p.B, world * p.Tq, q.device),
-        engine=_blocks.choose_engine(q, p.D, p.Dv),
+        lengths=lengths,
+        mask=full,
+        user_mask=user_mask,
+        schedule=schedule(full, world, T, layout, q.device),
+        engine=engine.choose(p),
         overlap=overlap,
+        config=config,
+        direct=p.direct,
     )
 
 
 def _summary(spec: RingSpec | None, q) -> list[int]:
     """The integers every rank must agree on (first: 1 if the local check passed)."""
     if spec is None:
-        return [0] * 13
+        return [0] * 14
     scale_bits = torch.tensor([spec.scale], dtype=torch.float64).view(torch.int64).item()
     lengths = spec.lengths
     pad = [-1, -1]
@@ -143,10 +189,17 @@ def _summary(spec: RingSpec | None, q) -> list[int]:
     dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else len(_DTYPES)
     s = spec
     layout = int(s.layout == "zigzag")
-    return [1, s.B, s.Hq, s.Hkv, s.S, s.D, s.Dv, dtype, int(s.causal), layout, scale_bits, *pad]
+    mask = 0 if s.user_mask is None else zlib.crc32(repr(s.user_mask).encode()) + 1
+    return [1, s.B, s.Hq, s.Hkv, s.S, s.D, s.Dv, dtype, int(s.causal), layout, scale_bits, *pad,
+            mask]  # fmt: skip
 
 
-_FIELDS = ("B", "Hq", "Hkv", "S", "D", "Dv", "dtype", "causal", "layout", "scale", "padding")
+# the summary's fields: (name, first index, number of integers)
+_FIELDS = (
+    ("B", 1, 1), ("Hq", 2, 1), ("Hkv", 3, 1), ("S", 4, 1), ("D", 5, 1), ("Dv", 6, 1),
+    ("dtype", 7, 1), ("causal", 8, 1), ("layout", 9, 1), ("scale", 10, 1), ("padding", 11, 2),
+    ("mask", 13, 1),
+)  # fmt: skip
 
 
 def check_inputs(q, k, v, *, group, world, device, **options) -> RingSpec:
@@ -165,19 +218,21 @@ def check_inputs(q, k, v, *, group, world, device, **options) -> RingSpec:
     dist.all_gather(gathered, mine, group=group)
     if error is not None:
         raise error
-    rows = torch.stack(gathered).tolist()  # (world, 13)
+    rows = torch.stack(gathered).tolist()  # (world, 14)
     failed = [r for r, row in enumerate(rows) if row[0] == 0]
     if failed:
         raise ValueError(
             f"ring_attention: rank(s) {failed} of the group got invalid inputs (their own "
             "error says why); every rank must call ring_attention with valid shards"
         )
-    differ = [j for j in range(len(_FIELDS) - 1) if len({row[j + 1] for row in rows}) > 1]
-    if len({tuple(row[11:]) for row in rows}) > 1:
-        differ.append(len(_FIELDS) - 1)
+    differ = [
+        j
+        for j, (_, at, n) in enumerate(_FIELDS)
+        if len({tuple(row[at : at + n]) for row in rows}) > 1
+    ]
     if differ:
         values = "; ".join(
-            f"{_FIELDS[j]} ("
+            f"{_FIELDS[j][0]} ("
             + ", ".join(f"rank {r}: {_show(j, row)}" for r, row in enumerate(rows))
             + ")"
             for j in differ
@@ -197,7 +252,8 @@ def check_inputs(q, k, v, *, group, world, device, **options) -> RingSpec:
 
 def _show(j: int, row: list[int]):
     """A readable value of field j from one rank's summary row."""
-    name, value = _FIELDS[j], row[j + 1]
+    name, at, _ = _FIELDS[j]
+    value = row[at]
     if name == "dtype":
         return str(_DTYPES[value]) if value < len(_DTYPES) else "other"
     if name == "causal":
@@ -208,4 +264,6 @@ def _show(j: int, row: list[int]):
         return torch.tensor([value], dtype=torch.int64).view(torch.float64).item()
     if name == "padding":
         return "none" if row[11] < 0 else f"lengths summing to {row[11]}"
+    if name == "mask":
+        return "none" if value == 0 else f"mask #{value:x}"
     return value

@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from .._types import AttentionOutput, Problem
-from ..masks import Dense
-from ..masks._kinds import Padding
 from . import native
 
 # Up to this many (query, key) pairs a structured mask runs as a dense one on this kernel.
@@ -26,7 +24,9 @@ from . import native
 # about even at 768², and 1.5-2× faster tiled at 1024²; a 1024-key window (almost the whole
 # matrix at that size) stays about even up to 1536².
 # A single query against a long cache still gains from reading only the window's keys
-# (bench "decode Tq=1, window": 10× faster tiled), hence the bound on the keys as well.
+# (bench "decode Tq=1, window", B=4, H=8, 8192 keys, a 1024-key window, 2 threads on a
+# busy machine: 12-16 ms tiled against 22-36 ms here with the (1, 1, 1, Tk) mask; 1.5 ms
+# against 9.4 ms on one thread), hence the bound on the keys as well.
 SMALL_PROBLEM = 768 * 768
 SMALL_PROBLEM_KEYS = 2048
 # With float32 tiles on the native kernel the tiled kernel wins sooner: at 512² it took
@@ -34,7 +34,19 @@ SMALL_PROBLEM_KEYS = 2048
 # documents, at 768² 0.42 / 0.54 / 1.04; at 256² it lost (1.3-2.2×).
 SMALL_PROBLEM_NATIVE = 512 * 512
 
-__all__ = ["poison", "run", "unsupported"]
+__all__ = ["native_built", "poison", "run", "unsupported"]
+
+
+_loaded = False  # once loaded, the native kernel stays loaded for the process
+
+
+def native_built() -> bool:
+    """Whether the native kernel is loaded, without building it (a dispatch check must
+    never start a compiler). Remembered once true: the check reads /proc/cpuinfo."""
+    global _loaded
+    if not _loaded:
+        _loaded = native.unavailable(build=False) is None
+    return _loaded
 
 
 # torch's CPU flash kernel returns output 0 and lse 0 for a query row of NaN scores when
@@ -57,17 +69,19 @@ def unsupported(p: Problem) -> str | None:
     if p.need_lse:
         return "torch's fused attention does not return the log-sum-exp"
     if p.bias is not None:
-        return "a float bias is handled by the reference kernel"
+        return "a float bias is handled by the tiled kernel"
     if p.dropout_p > 0.0:
         return "dropout must draw from qkv's generator to be reproducible"
-    if p.mask is None or (p.is_causal and p.Tq in (1, p.Tk)) or isinstance(p.mask, Dense):
+    if p.mask is None or (p.is_causal and p.Tq in (1, p.Tk)) or p.mask.form == "dense":
         return None
-    if isinstance(p.mask, Padding):
+    if p.mask.form == "key_padding":
         return None  # a (B, 1, 1, Tk) mask: torch broadcasts it, no Tq×Tk matrix
-    small = SMALL_PROBLEM
-    if p.dtype == torch.float32 and p.device.type == "cpu" and native.unavailable() is None:
-        small = SMALL_PROBLEM_NATIVE
-    if p.Tq * p.Tk <= small and p.Tk <= SMALL_PROBLEM_KEYS:
+    pairs = p.Tq * p.Tk
+    small = pairs <= SMALL_PROBLEM_NATIVE or (
+        pairs <= SMALL_PROBLEM  # in between, it depends on native tiles (asked last: slow)
+        and not (p.dtype == torch.float32 and p.device.type == "cpu" and native_built())
+    )
+    if small and p.Tk <= SMALL_PROBLEM_KEYS:
         return None  # a few tiles: skipping them saves less than tiling costs
     return "a structured mask over more than one tile: the tiled kernel skips empty tiles"
 
@@ -78,9 +92,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> Attent
         pass  # bottom-right causal with a single query: every key is visible
     elif p.is_causal and p.Tq == p.Tk:
         is_causal = True
-    elif isinstance(p.mask, Padding):
-        keys = torch.arange(p.Tk, device=q.device)
-        attn_mask = (keys < p.mask.lengths.to(q.device)[:, None])[:, None, None]  # (B, 1, 1, Tk)
+    elif p.mask is not None and p.mask.form == "key_padding":
+        attn_mask = p.mask.key_mask(p.Tk, q.device)  # (B, 1, 1, Tk)
     elif p.mask is not None:
         # (Bm, Hm, Tq, Tk), broadcast by torch; only masks torch cannot express get here.
         attn_mask = p.mask.submask(p.Tq, p.Tk, 0, p.Tq, 0, p.Tk, device=q.device)

@@ -17,13 +17,9 @@ from __future__ import annotations
 import torch
 
 from .._types import AttentionOutput, Problem
+from .merge import stat_dtype
 
 __all__ = ["run"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Softmax statistics in at least float32: bf16/fp16 scores lose too much to exp().
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -35,7 +31,7 @@ def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> AttentionOutput:
-    dtype = _compute_dtype(q.dtype)
+    dtype = stat_dtype(q.dtype)  # softmax statistics in float32 at least
     qf = q.to(dtype)  # (B, Hq, Tq, D)
     kf = repeat_kv(k.to(dtype), p.group)  # (B, Hq, Tk, D)
     vf = repeat_kv(v.to(dtype), p.group)  # (B, Hq, Tk, Dv)

@@ -18,17 +18,17 @@ their strides. Results are written token-major, the layout the kernel returns.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .._types import plain_tensors
 from . import native
 from .fused import POISON_BELOW_KEYS, poison
+from .merge import merge
+from .plan import Jobs, job_mask
 from .tiles import Job
 from .tiles import steps as _steps
 
-__all__ = ["backward", "forward", "merge"]
+__all__ = ["backward", "forward"]
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -65,16 +65,6 @@ def _gather(x: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return g.view(B * n, -1, H, W).transpose(1, 2)  # (B·n, H, len, W)
 
 
-def _allowed(job: Job) -> torch.Tensor | None:
-    """The job's bool mask as (Bm, n|1, Hm, r, k): one pattern if all blocks share it."""
-    if job.masks is None:
-        return None
-    first = job.masks[0]  # (Bm, Hm, r, k)
-    if all(m is first or torch.equal(m, first) for m in job.masks[1:]):
-        return first[:, None]  # (Bm, 1, Hm, r, k)
-    return torch.stack(job.masks, dim=1)  # (Bm, n, Hm, r, k)
-
-
 def _additive(allowed: torch.Tensor, dtype, device):
     """Float mask (0 / -inf) for the fused kernel, and the rows that see a key (or None)."""
     allowed = allowed.to(device)
@@ -87,11 +77,22 @@ def _additive(allowed: torch.Tensor, dtype, device):
 def _calls(x, job: Job, B: int):
     """The fused calls of one job: (q, k, v, additive mask, rows, write-back) per call.
 
-    Regular jobs make one call per batch element on views; others one gathered call.
+    A job of one block is one call on slices of every batch element (decoding: one query
+    block against a long cache); other regular jobs make one call per batch element on
+    views; the rest one gathered call.
     """
     n, r, k = len(job.q_starts), job.rows, job.keys
-    allowed = _allowed(job)  # (Bm, n|1, Hm, r, k) or None
+    allowed = job_mask(job)  # (Bm, n|1, Hm, r, k) or None
     device = x.q.device
+    if n == 1:
+        q0, k0 = job.q_starts[0], job.k_starts[0]
+        add = rows = None
+        if allowed is not None:
+            add, rows = _additive(allowed[:, 0], x.q.dtype, device)  # (Bm, Hm, r, k)
+        q = x.q[:, :, q0 : q0 + r]  # (B, H, r, W)
+        kk, vv = x.k[:, :, k0 : k0 + k], x.v[:, :, k0 : k0 + k]  # (B, H, k, W)
+        yield q, kk, vv, add, rows, ("single", q0, k0)
+        return
     steps = _steps(job)
     if steps is not None:
         (sq, sk), q0, k0 = steps, job.q_starts[0], job.k_starts[0]
@@ -116,94 +117,60 @@ def _calls(x, job: Job, B: int):
     yield q, kk, vv, add, rows, ("gathered", q_idx, k_idx)
 
 
-def _native(x, job: Job, dtype) -> bool:
-    """Whether a job runs on native.cpp (float32 on the CPU, evenly spaced blocks of at
-    least MIN_ROWS queries): where it is built, it was faster than torch's fused kernel on
-    every such job of the plans measured (windows, documents, causal)."""
+def _native_ready(x, jobs: Jobs, dtype) -> bool:
+    """Whether native.cpp may run jobs of this call: float32 on the CPU, plain tensors, and
+    a job of at least MIN_ROWS queries to run (only then is it built, right before its
+    first call). Asked once per call: the check reads the machine's state."""
     return (
         dtype == torch.float32
         and x.q.dtype == torch.float32
         and x.q.device.type == "cpu"
-        and job.keys > 0
-        and job.rows >= native.MIN_ROWS
+        and any(job.rows >= native.MIN_ROWS and job.keys > 0 for job in jobs.fine)
         and plain_tensors(x.q, x.k, x.v)
         and native.unavailable() is None
-        and _native_job(job)[0] is not None  # evenly spaced blocks
     )
 
 
-# Per job: its steps and its mask as the native kernel reads it. Jobs of cached plans
-# (tiles of tensor-free masks) live on, and so do these; others go with their job.
-_NATIVE_JOBS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _native(x, jobs: Jobs, i: int, ready: bool) -> bool:
+    """Whether fine job i runs on native.cpp (evenly spaced blocks of at least MIN_ROWS
+    queries): where it is built, it was faster than torch's fused kernel on every such job
+    of the plans measured (windows, documents, causal)."""
+    job = jobs.fine[i]
+    return (
+        ready
+        and job.keys > 0
+        and job.rows >= native.MIN_ROWS
+        and jobs.native_job(i)[0] is not None  # evenly spaced blocks
+    )
 
 
-def _native_job(job: Job):
-    """(steps, additive mask transposed (Bm, n|1, Hm, k, rp) float32 or None) of a job."""
-    got = _NATIVE_JOBS.get(job)
-    if got is None:
-        steps, mask_t = _steps(job), None
-        allowed = _allowed(job) if steps is not None else None  # (Bm, n|1, Hm, r, k)
-        if allowed is not None:
-            rp = -(-job.rows // 16) * 16
-            shape = (*allowed.shape[:3], job.keys, rp)
-            mask_t = torch.zeros(shape, dtype=torch.float32, device="cpu")
-            inside = mask_t[..., : job.rows]
-            inside.masked_fill_(~allowed.transpose(-1, -2).cpu(), float("-inf"))
-        got = _NATIVE_JOBS[job] = (steps, mask_t)
-    return got
-
-
-def _native_forward(x, job: Job, scale: float, slab_o, slab_l) -> None:
-    """One regular job on native.cpp, written straight into the slabs."""
+def _native_forward(x, jobs: Jobs, i: int, scale: float, slab_o, slab_l) -> None:
+    """Fine job i on native.cpp, written straight into the slabs."""
+    job = jobs.fine[i]
     n, r, k = len(job.q_starts), job.rows, job.keys
-    (sq, sk), mask_t = _native_job(job)
+    (sq, sk), mask_t = jobs.native_job(i)
     native.forward(
         x.q, x.k, x.v, slab_o, slab_l, q0=job.q_starts[0], k0=job.k_starts[0], sq=sq, sk=sk,
         n=n, rows=r, keys=k, scale=scale, mask_t=mask_t,
     )  # fmt: skip
 
 
-def merge(acc_o, acc_l, o, l):
-    """Merge two partial results over disjoint keys; rows empty in both stay 0 / -inf.
-
-    out (..., R, W) and lse (..., R) for any leading shape: lse = logaddexp(lse₁, lse₂),
-    out = out₁·exp(lse₁ − lse) + out₂·exp(lse₂ − lse).
-    """
-    new_l = torch.logaddexp(acc_l, l)  # (..., R)
-    live = torch.isfinite(new_l)
-    w_acc = torch.where(live, torch.exp(acc_l - new_l), 0.0)[..., None]
-    w_new = torch.where(live, torch.exp(l - new_l), 0.0)[..., None]
-    return acc_o * w_acc + o * w_new, new_l
-
-
-# Rows no job of an ordinal writes, by the ordinal's first job (None: every row is written).
-_IDLE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _slabs(jobs: list[Job], ordinal: int, shape, dtype, device):
+def _slabs(jobs: Jobs, ordinal: int, shape, dtype, device):
     """Output (B, T, H, W) and lse (B, T, H) buffers for the jobs of one ordinal: rows no
     job writes hold 0 / -inf, the others are left for the jobs to fill (no zero pass)."""
     B, T, H, W = shape
     slab_o = torch.empty(B, T, H, W, dtype=dtype, device=device)
     slab_l = torch.empty(B, T, H, dtype=dtype, device=device)
-    key = jobs[0]  # the first job of the ordinal stands for its jobs (all cached together)
-    idle = _IDLE_ROWS.get(key, False)
-    if idle is False:
-        covered = torch.zeros(T, dtype=torch.bool, device="cpu")
-        for job in jobs:
-            if job.ordinal != ordinal:
-                break
-            covered[_indices(job.q_starts, job.rows, "cpu")] = True
-        idle = None if bool(covered.all()) else (~covered).to(device)
-        _IDLE_ROWS[key] = idle
+    idle = jobs.idle_rows(ordinal, T, device)
     if idle is not None:
         slab_o[:, idle] = 0
         slab_l[:, idle] = float("-inf")
     return slab_o, slab_l
 
 
-def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run every job; returns out (B, Tq, H, W) and lse (B, Tq, H) in `dtype` (float32+).
+def forward(x, jobs: Jobs, scale: float, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every forward job (`jobs.fine`); returns out (B, Tq, H, W) and lse (B, Tq, H)
+    in `dtype` (float32+).
 
     The jobs of one ordinal (the i-th segment of each query block) cover each row at most
     once, so they write into one slab; slabs of successive ordinals are merged whole.
@@ -211,16 +178,18 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
     B, T, H, W = shape
     device = x.q.device
     acc_o = acc_l = None
+    fine = jobs.fine
+    ready = _native_ready(x, jobs, dtype)
     i = 0
-    while i < len(jobs):
-        ordinal = jobs[i].ordinal
-        slab_o, slab_l = _slabs(jobs[i:], ordinal, shape, dtype, device)
-        while i < len(jobs) and jobs[i].ordinal == ordinal:
-            job = jobs[i]
+    while i < len(fine):
+        ordinal = fine[i].ordinal
+        slab_o, slab_l = _slabs(jobs, ordinal, shape, dtype, device)
+        while i < len(fine) and fine[i].ordinal == ordinal:
+            job = fine[i]
             i += 1
             n, r = len(job.q_starts), job.rows
-            if _native(x, job, dtype):
-                _native_forward(x, job, scale, slab_o, slab_l)
+            if _native(x, jobs, i - 1, ready):
+                _native_forward(x, jobs, i - 1, scale, slab_o, slab_l)
                 continue
             for q, k, v, add, rows, where in _calls(x, job, B):
                 o, l = _flash(q, k, v, 0.0, False, attn_mask=add, scale=scale)
@@ -231,7 +200,10 @@ def forward(x, jobs: list[Job], scale: float, shape, dtype) -> tuple[torch.Tenso
                     o, l = o + nan, l + nan[..., 0]
                 o = o.transpose(1, 2)  # (·, r, H, W)
                 l = l.transpose(1, 2)  # (·, r, H)
-                if where[0] == "regular":
+                if where[0] == "single":
+                    slab_o[:, where[1] : where[1] + r] = o
+                    slab_l[:, where[1] : where[1] + r] = l
+                elif where[0] == "regular":
                     b, sq, q0 = where[1], where[2], job.q_starts[0]
                     _rows(slab_o, b, q0, r, sq, n).copy_(o)
                     _rows(slab_l, b, q0, r, sq, n).copy_(l)
@@ -275,7 +247,11 @@ def backward(x, jobs: list[Job], scale: float, dout, out, lse, grads):
     for job in jobs:
         n, r, nk = len(job.q_starts), job.rows, job.keys
         for q, k, v, add, _, where in _calls(x, job, B):
-            if where[0] == "regular":
+            if where[0] == "single":
+                q0, k0 = where[1:]
+                do, o = dout[:, :, q0 : q0 + r], out[:, :, q0 : q0 + r]  # (B, H, r, W)
+                l = lse[:, :, q0 : q0 + r].contiguous()  # (B, H, r)
+            elif where[0] == "regular":
                 (b, sq, sk), q0, k0 = where[1:], job.q_starts[0], job.k_starts[0]
                 do = _windows(dout, b, q0, r, sq, n)  # (n, H, r, W)
                 o = _windows(out, b, q0, r, sq, n)
@@ -287,7 +263,11 @@ def backward(x, jobs: list[Job], scale: float, dout, out, lse, grads):
                 l = l.reshape(B * n, H, r)  # (B·n, H, r), contiguous
             dq, dk, dv = _flash_backward(do, q, k, v, o, l, 0.0, False, attn_mask=add, scale=scale)
             dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))  # token-major
-            if where[0] == "regular":
+            if where[0] == "single":
+                grads["q"][:, q0 : q0 + r] += dq
+                grads["k"][:, k0 : k0 + nk] += dk
+                grads["v"][:, k0 : k0 + nk] += dv
+            elif where[0] == "regular":
                 _rows(grads["q"], b, q0, r, sq, n).add_(dq)
                 _add_windows(grads["k"], b, k0, sk, dk)
                 _add_windows(grads["v"], b, k0, sk, dv)

@@ -24,8 +24,6 @@ import torch
 from ..masks import EMPTY, FULL, PARTIAL, Mask
 
 __all__ = [
-    "BLOCK_K",
-    "BLOCK_Q",
     "Job",
     "QueryBlock",
     "Segment",
@@ -36,16 +34,6 @@ __all__ = [
     "steps",
 ]
 
-# Tile sizes, measured with benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64, T=16384;
-# windows of 256 and 1024 keys, 4 causal documents, causal with lse; float32 forward jobs
-# on the native kernel): 256 × 256 was within ~10% of the fastest forward in every
-# workload but the 1024-key window (95 ms against 77 with 64 × 64 tiles), and the fastest
-# or within 7% forward+backward, where small tiles lose (the backward recomputes each
-# overlapping key span: 561 ms with 64 × 64 tiles against 420 for that window). Smaller
-# tiles follow a mask more tightly but pay more per-call and per-merge overhead.
-BLOCK_Q = 256
-BLOCK_K = 256
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -54,7 +42,6 @@ class Segment:
     k0: int
     k1: int
     mask: torch.Tensor | None
-    has_empty_rows: bool = False  # some query row sees no key of this segment
 
 
 @dataclass(frozen=True)
@@ -66,16 +53,10 @@ class QueryBlock:
     segments: tuple[Segment, ...]
 
 
-# A run of full tiles longer than this many keys is computed without a mask; a shorter one
-# joins its partial neighbours in one masked segment. Fewer, larger segments mean fewer
-# calls and no merges (a sliding window becomes one segment per query block, and all of
-# them share one mask pattern); a long full run keeps its tiles mask-free, so that the
-# mask never costs more than a sliver of the arithmetic.
-_MAX_MASKED_FULL = 1024
-
-
-def _runs(kinds: list[int], block_k: int) -> list[tuple[int, int, int]]:
-    """Segments (start, end, kind) of one row of tiles: see _MAX_MASKED_FULL above."""
+def _runs(kinds: list[int], block_k: int, max_masked_full: int) -> list[tuple[int, int, int]]:
+    """Segments (start, end, kind) of one row of tiles: a run of full tiles longer than
+    `max_masked_full` keys stays mask-free, shorter ones join their partial neighbours
+    (see TileConfig.max_masked_full)."""
     same: list[list[int]] = []  # maximal runs [start, end, kind] of one kind
     for j, kind in enumerate(kinds):
         if same and same[-1][2] == kind:
@@ -93,7 +74,7 @@ def _runs(kinds: list[int], block_k: int) -> list[tuple[int, int, int]]:
             segments.append((open_start, open_end, kind))
 
     for start, end, kind in same:
-        if kind == EMPTY or (kind == FULL and (end - start) * block_k > _MAX_MASKED_FULL):
+        if kind == EMPTY or (kind == FULL and (end - start) * block_k > max_masked_full):
             close()
             open_start, open_kinds = None, set()
             if kind == FULL:
@@ -108,10 +89,17 @@ def _runs(kinds: list[int], block_k: int) -> list[tuple[int, int, int]]:
 
 
 def plan_tiles(
-    mask: Mask | None, Tq: int, Tk: int, block_q: int, block_k: int, device=None
+    mask: Mask | None,
+    Tq: int,
+    Tk: int,
+    block_q: int,
+    block_k: int,
+    device=None,
+    *,
+    max_masked_full: int = 1024,
 ) -> list[QueryBlock]:
     """Cut the (Tq, Tk) problem into query blocks and key segments (see module docstring)."""
-    nq, _nk = -(-Tq // block_q), -(-Tk // block_k)
+    nq = -(-Tq // block_q)
     if mask is None:
         whole = (Segment(0, Tk, None),) if Tk > 0 else ()
         return [QueryBlock(i * block_q, min((i + 1) * block_q, Tq), whole) for i in range(nq)]
@@ -127,7 +115,7 @@ def plan_tiles(
     for i in range(nq):
         q0, q1 = i * block_q, min((i + 1) * block_q, Tq)
         segments = []
-        for j0, j1, kind in _runs(merged[i], block_k):
+        for j0, j1, kind in _runs(merged[i], block_k, max_masked_full):
             k0, k1 = j0 * block_k, min(j1 * block_k, Tk)
             if kind == FULL:
                 segments.append(Segment(k0, k1, None))
@@ -136,20 +124,20 @@ def plan_tiles(
             if key is None or key not in seen:
                 sub = mask.submask(Tq, Tk, q0, q1, k0, k1, device)  # (Bm, Hm, q, k)
                 row_any = sub.any(-1)  # (Bm, Hm, q)
-                entry = (sub, bool(row_any.any()), bool(row_any.all()))
+                entry = (sub, bool(row_any.any()))
                 if key is not None:
                     seen[key] = entry  # equal patterns share one tensor (see stacked.py)
             else:
                 entry = seen[key]
-            sub, some, every = entry
+            sub, some = entry
             if not some:
                 continue  # the classification was conservative: nothing here after all
-            segments.append(Segment(k0, k1, sub, has_empty_rows=not every))
+            segments.append(Segment(k0, k1, sub))
         blocks.append(QueryBlock(q0, q1, tuple(segments)))
     return blocks
 
 
-@dataclass(frozen=True, eq=False)  # compared and hashed by identity: jobs key caches
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class Job:
     """Segments of several query blocks that one fused call computes side by side.
 
@@ -191,12 +179,7 @@ def steps(job: Job) -> tuple[int, int] | None:
     return (sq, sk) if regular else None
 
 
-# A job gathers copies of its keys and values: n · keys token-heads each. This bounds that
-# copy (and the job's float mask) to a few tens of MB at D = 64.
-_JOB_TOKENS = 1 << 18
-
-
-def group_jobs(plan: list[QueryBlock], heads: int) -> list[Job]:
+def group_jobs(plan: list[QueryBlock], heads: int, *, job_tokens: int = 1 << 18) -> list[Job]:
     """Batch the plan's segments into jobs of equal shape (one fused call each).
 
     Jobs come sorted by ordinal, and the jobs of one ordinal never share a query block.
@@ -212,7 +195,7 @@ def group_jobs(plan: list[QueryBlock], heads: int) -> list[Job]:
             groups.setdefault(key, []).append((blk.q0, seg))
     jobs = []
     for (ordinal, rows, keys, masked), items in sorted(groups.items(), key=lambda kv: kv[0][0]):
-        per_job = max(1, _JOB_TOKENS // max(1, keys * heads))
+        per_job = max(1, job_tokens // max(1, keys * heads))
         for start in range(0, len(items), per_job):
             chunk = items[start : start + per_job]
             jobs.append(
@@ -257,24 +240,9 @@ def compact_keys(jobs: list[Job], Tk: int, device=None) -> tuple[torch.Tensor | 
     return positions.to(device), renumbered
 
 
-# Rows of the sub-blocks `refine_jobs` cuts masked blocks into, measured with
-# benchmarks/tile_sizes.py on a 2-core CPU (fp32, D=64, 256 × 256 tiles, forward, jobs on
-# the native kernel): a 256-key window over 16,384 tokens took 35 / 25 / 27 / 32 / 40 ms
-# with 16 / 32 / 64 / 128 / 256 (= unrefined) rows; a 1024-key window, 4 causal documents
-# and causal with the lse moved by less than the run-to-run noise (±10%). A band of w keys
-# then costs about w + REFINE_ROWS keys per row instead of w + BLOCK_Q.
-REFINE_ROWS = 32
-
-# Refine a job only when its sub-blocks skip at least this fraction of its keys.
-_REFINE_SAVING = 0.25
-
-# Sub-block key spans are widened (with masked keys) to a multiple of this: the fused
-# kernel's matrix products run faster on aligned lengths (measured: one call over 512
-# sub-blocks of 32 rows, H=4, D=64, took 40.7 ms on 287 keys and 34.6 ms on 288).
-SPAN_MULTIPLE = 16
-
-
-def refine_jobs(jobs: list[Job], Tk: int, rows: int = REFINE_ROWS) -> list[Job]:
+def refine_jobs(
+    jobs: list[Job], Tk: int, rows: int = 32, *, span_multiple: int = 16, saving: float = 0.25
+) -> list[Job]:
     """Cut the query blocks of masked jobs into sub-blocks of `rows` rows, each reading
     only the span of keys its rows may see.
 
@@ -282,18 +250,22 @@ def refine_jobs(jobs: list[Job], Tk: int, rows: int = REFINE_ROWS) -> list[Job]:
     32-row sub-blocks read w + 32. Sub-blocks that sit at the same place in every block
     of a job form a job of their own; when every sub-block has the same span length and
     pattern, and the blocks are evenly spaced, they make one job again (one fused call).
-    Jobs whose blocks do not share one mask tensor, or that would save little, are kept.
+    Jobs whose blocks do not share one mask tensor, or that would skip less than `saving`
+    of their keys, are kept; spans are widened to a multiple of `span_multiple` keys (see
+    TileConfig).
     """
     out: list[Job] = []
     for job in jobs:
-        out.extend(_refine(job, rows, Tk))
+        out.extend(_refine(job, rows, Tk, span_multiple, saving))
     return out
 
 
-def _widen(lo: list[int], hi: list[int], low: int, high: int) -> tuple[list[int], list[int]]:
-    """Spans [lo, hi) grown to a multiple of SPAN_MULTIPLE inside [low, high), all on the
+def _widen(
+    lo: list[int], hi: list[int], low: int, high: int, multiple: int
+) -> tuple[list[int], list[int]]:
+    """Spans [lo, hi) grown to a multiple of `multiple` inside [low, high), all on the
     same side (so that evenly shifted spans stay evenly shifted); unchanged if no side fits."""
-    want = [-(-(h - a) // SPAN_MULTIPLE) * SPAN_MULTIPLE for a, h in zip(lo, hi, strict=True)]
+    want = [-(-(h - a) // multiple) * multiple for a, h in zip(lo, hi, strict=True)]
     if all(a + w <= high for a, w in zip(lo, want, strict=True)):
         return lo, [a + w for a, w in zip(lo, want, strict=True)]
     if all(h - w >= low for h, w in zip(hi, want, strict=True)):
@@ -301,7 +273,7 @@ def _widen(lo: list[int], hi: list[int], low: int, high: int) -> tuple[list[int]
     return lo, hi
 
 
-def _refine(job: Job, rows: int, Tk: int) -> list[Job]:
+def _refine(job: Job, rows: int, Tk: int, multiple: int, saving: float) -> list[Job]:
     r, k = job.rows, job.keys
     if job.masks is None or r <= rows or r % rows:
         return [job]
@@ -314,12 +286,12 @@ def _refine(job: Job, rows: int, Tk: int) -> list[Job]:
     lo = seen.int().argmax(1).tolist()
     hi = (k - seen.flip(1).int().argmax(1)).tolist()
     needed = sum(h - lo_ for h, lo_, a in zip(hi, lo, live, strict=True) if a) * rows
-    if needed > (1 - _REFINE_SAVING) * r * k:
+    if needed > (1 - saving) * r * k:
         return [job]
     n = len(job.q_starts)
     low, high = -min(job.k_starts), Tk - max(job.k_starts)  # keys that exist, relative
     kept = [s for s in range(m) if live[s]]  # other sub-blocks see nothing: rows stay empty
-    starts, ends = _widen([lo[s] for s in kept], [hi[s] for s in kept], low, high)
+    starts, ends = _widen([lo[s] for s in kept], [hi[s] for s in kept], low, high, multiple)
     pieces = []  # one job per live sub-block position
     for s, a, b in zip(kept, starts, ends, strict=True):
         # keys outside the segment belong to other segments (or none): masked here

@@ -20,19 +20,14 @@ from collections.abc import Sequence
 
 import torch
 
-from ._base import EMPTY, FULL, PARTIAL, Mask, _block_edges
+from ._base import Mask, _block_edges, kinds_from_dense, tile_kinds
 
 __all__ = ["Band", "Dense", "Document", "Padding"]
 
 _SMALL = 16  # masks whose data fits a 16×16 picture draw themselves in their repr
 
 
-def _kinds(any_: torch.Tensor, all_: torch.Tensor) -> torch.Tensor:
-    """EMPTY where nothing is allowed, FULL where everything is, PARTIAL otherwise."""
-    kinds = torch.full(any_.shape, PARTIAL, dtype=torch.int8, device=any_.device)
-    kinds[~any_] = EMPTY
-    kinds[all_] = FULL
-    return kinds
+_kinds = tile_kinds
 
 
 class Band(Mask):
@@ -43,6 +38,20 @@ class Band(Mask):
 
     def __init__(self, before: int | None, after: int | None, name: str) -> None:
         self.before, self.after, self.name = before, after, name
+        self.form = "causal" if before is None and after == 0 else None
+
+    def cache_key(self):
+        return ("band", self.before, self.after)
+
+    def mask_mod(self, Tq, Tk, device=None):
+        shift, before, after = Tk - Tq, self.before, self.after
+
+        def mod(b, h, q_idx, kv_idx):
+            rel = kv_idx - (q_idx + shift)  # key position relative to the query's own
+            allowed = rel <= after if after is not None else kv_idx >= 0
+            return allowed if before is None else allowed & (rel >= -before)
+
+        return mod
 
     def _offsets(self, Tq: int, Tk: int) -> tuple[float, float]:
         # Allowed keys of query i form the interval [i + lo, i + hi].
@@ -67,10 +76,10 @@ class Band(Mask):
         lo, hi = self._offsets(Tq, Tk)
         return ("band", lo - (k0 - q0), hi - (k0 - q0), q1 - q0, k1 - k0)
 
-    def block_kinds(self, Tq, Tk, block_q, block_k, device=None):
+    def region_kinds(self, Tq, Tk, q0, q1, k0, k1, block_q, block_k, device=None):
         lo, hi = self._offsets(Tq, Tk)
-        q0, q1 = _block_edges(Tq, block_q, device)
-        k0, k1 = _block_edges(Tk, block_k, device)
+        q0, q1 = _block_edges(q0, q1, block_q, device)
+        k0, k1 = _block_edges(k0, k1, block_k, device)
         q0, q1 = q0[:, None], q1[:, None] - 1  # (nq, 1), last query of each block
         k0, k1 = k0[None, :], k1[None, :] - 1  # (1, nk), last key of each block
         # The rows' intervals [i+lo, i+hi] slide by one per row, so their union over a
@@ -108,6 +117,39 @@ class Padding(Mask):
         self.lengths = _int_tensor(lengths, "lengths", 1)  # (B,)
         if self.lengths.numel() and int(self.lengths.min()) < 0:
             raise ValueError(f"padding lengths must be >= 0; got {self.lengths.tolist()[:16]}")
+        self._keys: dict = {}  # (Tk, device) -> (B, 1, 1, Tk) bool, see key_mask
+        self._longest = int(self.lengths.max()) if self.lengths.numel() else 0
+
+    form = "key_padding"
+
+    @property
+    def key_lengths(self) -> torch.Tensor:
+        return self.lengths
+
+    def key_mask(self, Tk: int, device=None) -> torch.Tensor:
+        """(B, 1, 1, Tk) bool, True for real keys: what torch's kernels broadcast.
+
+        Kept on the mask (a few of the last sizes): one padding mask serves every layer
+        of a model, and each step of a decoding loop that keeps its lengths.
+        """
+        key = (Tk, device)
+        got = self._keys.get(key)
+        if got is None:
+            if self._longest > Tk:
+                raise ValueError(
+                    f"mask: padding lengths must lie in [0, Tk={Tk}]; got max length "
+                    f"{self._longest}"
+                )
+            lengths = self.lengths.to(device)
+            got = (torch.arange(Tk, device=device) < lengths[:, None])[:, None, None]
+            if len(self._keys) >= 4:
+                self._keys.pop(next(iter(self._keys)))
+            self._keys[key] = got
+        return got
+
+    def mask_mod(self, Tq, Tk, device=None):
+        lengths = self.lengths if device is None else self.lengths.to(device)
+        return lambda b, h, q_idx, kv_idx: kv_idx < lengths[b]
 
     @property
     def device(self):
@@ -132,10 +174,10 @@ class Padding(Mask):
         keep = j[None, :] < lengths[:, None]  # (B, k)
         return keep[:, None, None, :].expand(-1, 1, q1 - q0, -1)  # (B, 1, q, k)
 
-    def block_kinds(self, Tq, Tk, block_q, block_k, device=None):
+    def region_kinds(self, Tq, Tk, q0, q1, k0, k1, block_q, block_k, device=None):
         lengths = self.lengths.to(device) if device is not None else self.lengths
-        k0, k1 = _block_edges(Tk, block_k, lengths.device)
-        nq = -(-Tq // block_q)
+        k0, k1 = _block_edges(k0, k1, block_k, lengths.device)
+        nq = -(-(q1 - q0) // block_q)
         any_ = k0[None, :] < lengths[:, None]  # (B, nk)
         all_ = k1[None, :] <= lengths[:, None]  # (B, nk)
         return _kinds(any_, all_)[:, None, None, :].expand(-1, 1, nq, -1)  # (B, 1, nq, nk)
@@ -185,11 +227,23 @@ class Document(Mask):
             ids, kv_ids = ids.to(device), kv_ids.to(device)
         return (ids[:, :, None] == kv_ids[:, None, :])[:, None]  # (B, 1, q, k)
 
-    def block_kinds(self, Tq, Tk, block_q, block_k, device=None):
+    def mask_mod(self, Tq, Tk, device=None):
         ids, kv_ids = self.ids, self.kv_ids
         if device is not None:
             ids, kv_ids = ids.to(device), kv_ids.to(device)
+
+        def mod(b, h, q_idx, kv_idx):
+            # clamped: a kernel may evaluate the padded end of its last block
+            return ids[b, q_idx.clamp(0, Tq - 1)] == kv_ids[b, kv_idx.clamp(0, Tk - 1)]
+
+        return mod
+
+    def region_kinds(self, Tq, Tk, q0, q1, k0, k1, block_q, block_k, device=None):
+        ids, kv_ids = self.ids[:, q0:q1], self.kv_ids[:, k0:k1]
+        if device is not None:
+            ids, kv_ids = ids.to(device), kv_ids.to(device)
         B = ids.shape[0]
+        Tq, Tk = q1 - q0, k1 - k0
         nq, nk = -(-Tq // block_q), -(-Tk // block_k)
         qmin, qmax = _block_min_max(ids, block_q)  # (B, nq)
         kmin, kmax = _block_min_max(kv_ids, block_k)  # (B, nk)
@@ -253,6 +307,14 @@ class Dense(Mask):
             )
         self.tensor = tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
 
+    form = "dense"
+
+    def mask_mod(self, Tq, Tk, device=None):
+        from ._flex import dense_mod
+
+        t = self.tensor if device is None else self.tensor.to(device)
+        return dense_mod(t)
+
     @property
     def device(self):
         return self.tensor.device
@@ -272,12 +334,12 @@ class Dense(Mask):
         t = t.expand(-1, -1, q1 - q0, k1 - k0)  # (Bm, Hm, q, k)
         return t if device is None else t.to(device)
 
-    def block_kinds(self, Tq, Tk, block_q, block_k, device=None):
+    def region_kinds(self, Tq, Tk, q0, q1, k0, k1, block_q, block_k, device=None):
         t = self.tensor if device is None else self.tensor.to(device)
-        any_ = _block_reduce(t, block_q, block_k, torch.any, False)
-        all_ = _block_reduce(t, block_q, block_k, torch.all, True)
-        nq, nk = -(-Tq // block_q), -(-Tk // block_k)
-        return _kinds(any_, all_).expand(-1, -1, nq, nk)  # (Bm, Hm, nq, nk)
+        t = t[:, :, q0:q1] if t.shape[2] != 1 else t
+        t = t[:, :, :, k0:k1] if t.shape[3] != 1 else t
+        nq, nk = -(-(q1 - q0) // block_q), -(-(k1 - k0) // block_k)
+        return kinds_from_dense(t, block_q, block_k).expand(-1, -1, nq, nk)  # (Bm, Hm, nq, nk)
 
     def __repr__(self) -> str:
         shape = tuple(self.tensor.shape)
@@ -285,19 +347,3 @@ class Dense(Mask):
         if max(shape[2], shape[3]) <= _SMALL:
             text += "  # [0, 0]:\n" + self.draw(shape[2], shape[3])
         return text
-
-
-def _block_reduce(t: torch.Tensor, bq: int, bk: int, reduce, fill: bool) -> torch.Tensor:
-    """Reduce a (Bm, Hm, Tq|1, Tk|1) bool tensor over tiles; broadcast axes stay size 1."""
-    Bm, Hm, Tq, Tk = t.shape
-    nq = 1 if Tq == 1 else -(-Tq // bq)
-    nk = 1 if Tk == 1 else -(-Tk // bk)
-    pad_q = 0 if Tq == 1 else nq * bq - Tq
-    pad_k = 0 if Tk == 1 else nk * bk - Tk
-    if pad_q or pad_k:
-        # Padding takes the neutral value of the reduction so it never changes a tile.
-        padded = torch.full((Bm, Hm, Tq + pad_q, Tk + pad_k), fill, device=t.device)
-        padded[:, :, :Tq, :Tk] = t
-        t = padded
-    tiles = t.view(Bm, Hm, nq, t.shape[2] // nq, nk, t.shape[3] // nk)
-    return reduce(reduce(tiles, dim=5), dim=3)  # (Bm, Hm, nq, nk)
