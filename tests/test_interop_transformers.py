@@ -221,8 +221,9 @@ def _tensors(mask):
             found.append(getattr(mask, name))
     for part in getattr(mask, "parts", ()):
         found += _tensors(part)
-    if getattr(mask, "inner", None) is not None:
-        found += _tensors(mask.inner)
+    for name in ("inner", "mask"):  # Not's inner mask, a TilePlan's mask
+        if isinstance(getattr(mask, name, None), qkv.masks.Mask):
+            found += _tensors(getattr(mask, name))
     return found
 
 
@@ -277,28 +278,29 @@ def test_masks_reaching_qkv_are_structured(family, case, seen):
             continue
         assert m is not None and not causal
         assert "from_dense" not in repr(m)
+        if case in ("padding", "packed"):
+            assert _tensors(m)  # the walk reaches the lengths / ids
         for t in _tensors(m):
             assert t.dim() <= 2 and t.numel() <= B * L, (case, tuple(t.shape))
 
 
-def test_tile_kinds_and_submasks_are_computed_once_per_forward(monkeypatch):
+def test_the_tile_plan_is_built_once_per_forward(monkeypatch):
     pad = torch.ones(2, 600, dtype=torch.long)
     pad[1, :77] = 0
     prepared = qkv_hf.build_mask(batch_size=2, q_length=600, kv_length=600, attention_mask=pad)
-    assert isinstance(prepared.mask, qkv_hf.Remembered)
-    inner = prepared.mask.inner
+    plan = prepared.mask
+    assert isinstance(plan, qkv.kernels.TilePlan) and (plan.Tq, plan.Tk) == (600, 600)
+    inner = plan.mask  # causal() & ~padding([0, 77])
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 2, 600, 16, generator=g) for _ in range(3))
     want = qkv.attention(q, k, v, mask=inner)
     calls = []
-    for name in ("block_kinds", "submask"):
+    for name in ("block_kinds", "region_kinds", "submask"):
         real = getattr(inner, name)
         monkeypatch.setattr(inner, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
-    outs = [qkv.attention(q, k, v, mask=prepared.mask) for _layer in range(3)]
-    per_layer = len(calls) // 3
-    assert calls and all((o - want).abs().max() <= 1e-6 for o in outs)
-    assert len([c for c in calls if c == "block_kinds"]) == 1, calls
-    assert len(calls) <= per_layer + 3  # the first layer computed them; the others read them
+    for _layer in range(3):  # every layer runs the plan: the mask is not evaluated again
+        assert (qkv.attention(q, k, v, mask=plan) - want).abs().max() <= 1e-6
+    assert calls == []
 
 
 def _eager_attention(module, q, k, v, mask4d):

@@ -33,7 +33,6 @@ import torch
 from .. import masks
 from ..functional import attention
 from ..masks import Mask
-from ._hf.memo import Remembered
 from ._hf.translate import (
     Grid,
     Piece,
@@ -45,7 +44,7 @@ from ._hf.translate import (
     translate,
 )
 
-__all__ = ["PreparedMask", "Remembered", "attention_forward", "build_mask", "register"]
+__all__ = ["PreparedMask", "attention_forward", "build_mask", "register"]
 
 _log = logging.getLogger(__name__)
 
@@ -149,7 +148,9 @@ def build_mask(
     Query i stands at position q_offset + i and key j at kv_offset + j; `mask_function`
     (b, h, q_pos, kv_pos) -> bool says which pairs may attend and `attention_mask` (B, L)
     which keys are real (True / 1). The result is built once per forward and reused by
-    every layer, tile kinds and submasks included (see `_hf.memo`).
+    every layer: masks holding tensors come as their `qkv.kernels.TilePlan` (tile kinds,
+    submasks and the engine's jobs computed once); causal and windows, which hold none,
+    have their plans kept by the tiled kernel across layers and forwards.
     """
     mu = importlib.import_module("transformers.masking_utils")
     fn = mu.causal_mask_function if mask_function is None else mask_function
@@ -176,14 +177,11 @@ def build_mask(
         return _dense(mu, call, B, Tq, Tk, str(why))
     if is_causal(piece, grid):
         return PreparedMask(None, True, B, Tq, Tk)
-    if mask is not None and mask.device is not None and not _is_padding(mask):
-        mask = Remembered(mask)  # holds tensors: the kernel would re-plan it in every layer
+    if mask is not None and mask.cache_key() is None and mask.form != "key_padding":
+        # holds tensors (padding, documents): the tiled kernel would plan it in every
+        # layer, so the plan is built here, once per forward, and every layer runs it
+        mask = mask.plan(Tq, Tk, device=device)
     return PreparedMask(mask, False, B, Tq, Tk)
-
-
-def _is_padding(mask: Mask) -> bool:
-    """A plain key padding mask (torch's fused kernel broadcasts it as (B, 1, 1, Tk))."""
-    return type(mask) is type(masks.padding([0]))
 
 
 def _dense(mu, call: dict, B: int, Tq: int, Tk: int, reason: str) -> PreparedMask:
