@@ -26,8 +26,10 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/qkv demo --out runs/demo
 
+# One pytest worker per core, each on one thread: the tests' tensors are small, and two
+# threads per worker on two cores spent most of the run waiting on each other.
 test: lint
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
