@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ..nn import AdditiveAttention, DecodingSession, KVCache
+from ..nn import AdditiveAttention, KVCache
+from ..nn.generate import EncoderDecoderDecoding
 
 __all__ = ["RNNConfig", "RNNEncoded", "RNNEncoderDecoder", "RNNState"]
 
@@ -127,7 +128,7 @@ def _check_tokens(tokens, name: str) -> None:
         raise ValueError(f"{name} must have shape (B, T); got {tuple(tokens.shape)}")
 
 
-class RNNEncoderDecoder(nn.Module):
+class RNNEncoderDecoder(EncoderDecoderDecoding, nn.Module):
     """GRU encoder-decoder with Bahdanau attention for sequence-to-sequence tasks.
 
     forward(src (B, S), tgt (B, T)) -> logits (B, T, V_tgt): position t predicts tgt[:, t+1]
@@ -241,23 +242,3 @@ class RNNEncoderDecoder(nn.Module):
         """An empty decoder state (`capacity` is accepted for the Transformer's signature:
         an RNN's state does not grow)."""
         return RNNState(self)
-
-    def start_decoding(
-        self,
-        src: torch.Tensor,
-        *,
-        src_mask: torch.Tensor | None = None,
-        num_beams: int = 1,
-        capacity: int | None = None,
-    ) -> DecodingSession:
-        """Encode src (B, S) once; rows repeated per beam; every prefix is [BOS]."""
-        encoded = self.encode(src, src_mask=src_mask)
-        if num_beams > 1:
-            encoded = encoded.repeat_interleave(num_beams)  # (B*K, S, Hd)
-        rows = encoded.memory.shape[0]
-        prefix = torch.full((rows, 1), self.config.bos_id, dtype=torch.long, device=src.device)
-        return DecodingSession(
-            prefix=prefix, cache=self.new_cache(capacity=capacity), context=encoded,
-            decode=lambda tokens, cache, enc: self.decode(tokens, enc, cache=cache),
-            eos_id=self.config.eos_id, pad_id=self.config.pad_id,
-        )  # fmt: skip

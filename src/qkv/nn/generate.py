@@ -26,7 +26,7 @@ import torch
 
 from .cache import KVCache
 
-__all__ = ["BeamSearchResult", "DecodingSession", "beam_search", "greedy"]
+__all__ = ["BeamSearchResult", "DecodingSession", "EncoderDecoderDecoding", "beam_search", "greedy"]
 
 
 class DecodingSession:
@@ -272,3 +272,32 @@ def beam_search(
         out[b, : seq.shape[0]] = seq
     scores = torch.tensor([s for s, _ in best], dtype=torch.float64, device=device)
     return BeamSearchResult(out, scores)
+
+
+class EncoderDecoderDecoding:
+    """`start_decoding` for an encoder-decoder module that has `encode(src, src_mask=)`
+    (returning something with `.memory` and `.repeat_interleave`), `decode(tokens, encoded,
+    cache=)`, `new_cache(capacity=)` and a `config` with bos/eos/pad ids: the Transformer
+    and the demo's GRU encoder-decoder decode through the same session."""
+
+    def start_decoding(
+        self,
+        src: torch.Tensor,
+        *,
+        src_mask: torch.Tensor | None = None,
+        num_beams: int = 1,
+        capacity: int | None = None,
+    ) -> DecodingSession:
+        """Encode src (B, S) once; rows repeated per beam; every prefix is [BOS]."""
+        encoded = self.encode(src, src_mask=src_mask)  # type: ignore[attr-defined]
+        if num_beams > 1:
+            encoded = encoded.repeat_interleave(num_beams)  # (B*K, S, ...)
+        rows = encoded.memory.shape[0]
+        config = self.config  # type: ignore[attr-defined]
+        prefix = torch.full((rows, 1), config.bos_id, dtype=torch.long, device=src.device)
+        return DecodingSession(
+            prefix=prefix, cache=self.new_cache(capacity=capacity),  # type: ignore[attr-defined]
+            context=encoded,
+            decode=lambda tokens, cache, enc: self.decode(tokens, enc, cache=cache),  # type: ignore[attr-defined]
+            eos_id=config.eos_id, pad_id=config.pad_id,
+        )  # fmt: skip

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .generate import DecodingSession
+from .generate import DecodingSession, EncoderDecoderDecoding
 from .layers import (
     TransformerDecoder,
     TransformerDecoderLayer,
@@ -269,7 +269,7 @@ def _final_norm(config) -> nn.Module | None:
     return nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps) if config.norm_first else None
 
 
-class Transformer(nn.Module):
+class Transformer(EncoderDecoderDecoding, nn.Module):
     """The encoder-decoder Transformer for sequence-to-sequence tasks (translation).
 
     forward(src (B, S), tgt (B, T)) -> logits (B, T, V_tgt): position t predicts tgt[:, t+1]
@@ -341,26 +341,6 @@ class Transformer(nn.Module):
     def new_cache(self, *, capacity: int | None = None) -> KVCache:
         """An empty KVCache for this model's decoder (see `qkv.nn.cache`)."""
         return self.decoder.new_cache(capacity=capacity)
-
-    def start_decoding(
-        self,
-        src: torch.Tensor,
-        *,
-        src_mask: torch.Tensor | None = None,
-        num_beams: int = 1,
-        capacity: int | None = None,
-    ) -> DecodingSession:
-        """Encode src (B, S) once; rows repeated per beam; every prefix is [BOS]."""
-        encoded = self.encode(src, src_mask=src_mask)
-        if num_beams > 1:
-            encoded = encoded.repeat_interleave(num_beams)  # (B*K, S, E)
-        rows = encoded.memory.shape[0]
-        prefix = torch.full((rows, 1), self.config.bos_id, dtype=torch.long, device=src.device)
-        return DecodingSession(
-            prefix=prefix, cache=self.new_cache(capacity=capacity), context=encoded,
-            decode=lambda tokens, cache, enc: self.decode(tokens, enc, cache=cache),
-            eos_id=self.config.eos_id, pad_id=self.config.pad_id,
-        )  # fmt: skip
 
 
 class DecoderLM(nn.Module):
