@@ -4,6 +4,9 @@ For each workload, times the tiled kernel forward (and forward+backward) with se
 (block_q, block_k) pairs, interleaved, medians; then, with the default tiles, the rows of
 the sub-blocks masked blocks are refined into (forward; 256 = not refined). The defaults
 of qkv.kernels.TileConfig (block_q, block_k, refine_rows) are chosen from these tables.
+The first line names the machine and the native kernel's ISA: float32 forward tiles run on
+it, so the tables differ between AVX-512 and AVX2 (`QKV_NATIVE_ISA=avx2` measures the
+AVX2 build on a machine that has both).
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    from qkv.bench import _machine_line
+
+    print(_machine_line() + "\n")
     print("| workload | pass | " + " | ".join(f"{bq}×{bk}" for bq, bk in SIZES) + " |")
     print("|---|---|" + "---:|" * len(SIZES))
     for name, (B, H, T, mask, causal) in workloads(args.quick).items():

@@ -303,8 +303,13 @@ def run_case(c: Case, repeats: int, gemm: float, memory_quick: bool | None = Non
             "gemm_fraction": flops / t / gemm,
         }
     if memory_quick is not None:
-        for name in medians:
-            c.results[name]["peak_mib"] = peak_memory(c.name, name, memory_quick)
+        # each child measures only its own resident peak, so they can run side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, min(len(medians), os.cpu_count() or 1))) as pool:
+            peaks = pool.map(lambda name: peak_memory(c.name, name, memory_quick), medians)
+            for name, peak in zip(medians, peaks, strict=True):
+                c.results[name]["peak_mib"] = peak
     if compile_s is not None:
         c.results["flex-compile-seconds"] = compile_s
     return c
