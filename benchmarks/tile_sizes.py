@@ -67,9 +67,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from qkv.bench import _machine_line
+    from qkv.bench import machine_line
 
-    print(_machine_line() + "\n")
+    print(machine_line() + "\n")
     print("| workload | pass | " + " | ".join(f"{bq}×{bk}" for bq, bk in SIZES) + " |")
     print("|---|---|" + "---:|" * len(SIZES))
     for name, (B, H, T, mask, causal) in workloads(args.quick).items():

@@ -69,7 +69,7 @@ def test_bf16_at_speed_is_measured(monkeypatch):
 
 
 def test_the_header_names_the_machine():
-    line = bench._machine_line()
+    line = bench.machine_line()
     assert "cores" in line and "threads" in line and f"torch {torch.__version__}" in line
     assert "native kernel: " in line or "no native kernel (" in line
 

@@ -32,15 +32,11 @@ against 128 keys, where validation and dispatch are most of the time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import pathlib
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +47,14 @@ import torch.nn.functional as F
 import qkv
 from qkv import masks
 from qkv._argparse import OneLineParser
+from qkv._bench_memory import memory_child, peak_memory
+from qkv._bench_report import (
+    check_output_dir,
+    check_output_file,
+    format_table,
+    machine_line,
+    plot_sweep,
+)
 
 __all__ = ["Case", "gemm_throughput", "main", "peak_memory", "run_case", "suite"]
 
@@ -226,63 +230,6 @@ def bf16_emulated(n: int = 256) -> str | None:
     return None
 
 
-def _status_kib(field: str) -> int | None:
-    """A size from /proc/self/status (VmRSS, VmHWM) in KiB; None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def memory_child(case_name: str, contender: str, quick: bool) -> float:
-    """MiB of resident memory one call of `contender` adds above its inputs (in this
-    process, which should be fresh: see `peak_memory`)."""
-    import resource
-
-    c = next(case for case in suite(quick) if case.name == case_name)
-    q, k, v = _inputs(c, c.backward)
-    if contender == "flex":
-        call, _ = _flex(c)  # compiles (and runs once): not counted
-    else:
-        call = None
-    # a fresh peak from here on: Linux resets VmHWM to the current size on "5"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base, peak_of = _status_kib("VmRSS"), lambda: _status_kib("VmHWM")
-    except OSError:  # no reset: the peak so far is the baseline
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_of = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-    if call is None:
-        call = _callables(c, only=contender)[contender]
-    out = call(q, k, v)
-    if c.backward:
-        out.backward(torch.ones_like(out))
-    return (peak_of() - base) / 1024
-
-
-def peak_memory(case_name: str, contender: str, quick: bool, timeout: float = 600) -> float | None:
-    """`memory_child` for the suite's case of that name, in a fresh interpreter; None if
-    it fails.
-
-    glibc keeps freed memory for reuse, which would hide allocations from the resident
-    size; a fixed mmap threshold makes every large block come from (and go back to) the
-    system, so the peak resident size sees them all.
-    """
-    cmd = [sys.executable, "-m", "qkv.bench", "--memory-of", case_name, contender]
-    cmd += ["--quick"] if quick else []
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        return float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
-    except (subprocess.TimeoutExpired, ValueError, IndexError):
-        return None
-
-
 def run_case(c: Case, repeats: int, gemm: float, memory_quick: bool | None = None) -> Case:
     """Time the case's contenders; with `memory_quick` (the suite's quick flag) also
     measure each one's peak memory in a fresh process."""
@@ -415,64 +362,6 @@ def suite(quick: bool) -> list[Case]:
     ]
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e6:.0f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.1f} ms"
-
-
-def _machine_line() -> str:
-    """The CPU, the ISA the native kernel uses, threads and torch: every figure says where
-    it came from."""
-    from qkv.kernels import native
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        info = dict(
-            (part.strip() for part in line.split(":", 1))
-            for line in pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-            if ":" in line
-        )
-        cpu = f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
-    except (OSError, KeyError, ValueError):
-        pass
-    isa, why = native.isa()
-    flags = native._cpu_flags()
-    extras = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    isa_text = f"native kernel: {isa}" if isa else f"no native kernel ({why})"
-    if extras:
-        isa_text += " (+" + ", ".join(extras) + ")"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {isa_text}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
-    )
-
-
-def format_table(cases: list[Case], gemm: dict) -> str:
-    lines = [
-        "| case | shape (B, H, Tq, Tk, D) | contender | time | × sdpa | GEMM % | peak |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
-    for c in cases:
-        shape = f"({c.B}, {c.H}, {c.Tq}, {c.Tk}, {c.D}) {str(c.dtype).replace('torch.', '')}"
-        for name, r in c.results.items():
-            if not isinstance(r, dict):
-                continue
-            ratio = f"{r['vs_sdpa']:.2f}" if r["vs_sdpa"] else "—"
-            peak = r.get("peak_mib")
-            peak = "—" if peak is None else f"{peak:.0f} MiB"
-            lines.append(
-                f"| {c.name} | {shape} | {name} | {_ms(r['seconds'])} | {ratio} | "
-                f"{100 * r['gemm_fraction']:.0f}% | {peak} |"
-            )
-        if "flex-compile-seconds" in c.results:
-            lines.append(
-                f"| {c.name} | | flex compile | {c.results['flex-compile-seconds']:.1f} s | | | |"
-            )
-    header = f"{datetime.date.today().isoformat()}, {_machine_line()}; GEMM " + ", ".join(
-        f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items()
-    )
-    return header + "\n\n" + "\n".join(lines)
-
-
 def length_sweep(quick: bool, repeats: int) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Forward time against sequence length: causal (qkv, sdpa) and a 256-key window
     (qkv, sdpa with the dense mask), H=4, D=64."""
@@ -488,50 +377,6 @@ def length_sweep(quick: bool, repeats: int) -> dict[str, dict[str, list[tuple[in
             for contender, seconds in medians.items():
                 sweeps[name].setdefault(contender, []).append((T, seconds))
     return sweeps
-
-
-def plot_sweep(sweeps, path) -> None:
-    """Save time against length, one panel per mask, log-log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
-    for ax, (mask, series) in zip(axes[0], sweeps.items(), strict=True):
-        for contender, points in series.items():
-            ax.plot(*zip(*points, strict=True), marker="o", label=contender)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="seconds",
-               title=f"{mask}, forward (B=1, H=4, D=64)")  # fmt: skip
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _check_output_file(parser, arg: str, path: str) -> None:
-    """A usage error unless `path` names a file that can be written (its folder exists)."""
-    target = pathlib.Path(path)
-    if not path.strip():
-        parser.error(f"{arg} needs a file name; got an empty string")
-    if target.is_dir():
-        parser.error(f"{arg} {path!r} is a directory; give a file name inside it")
-    folder = target.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        parser.error(f"{arg} {path!r}: cannot write into {str(folder)!r} (no such writable folder)")
-
-
-def _check_output_dir(parser, arg: str, path: str) -> None:
-    """A usage error unless `path` is a writable folder or one that can be made."""
-    target = pathlib.Path(path)
-    if not path.strip():
-        parser.error(f"{arg} needs a folder; got an empty string")
-    if target.exists() and not target.is_dir():
-        parser.error(f"{arg} {path!r} is a file; give a folder (it is created if missing)")
-    existing = next((p for p in (target, *target.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
-        parser.error(f"{arg} {path!r}: cannot create or write it (check the folder's permissions)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -561,14 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--only must name (part of) a case; got an empty string")
     # where the results go is checked before minutes of measuring, not after
     if args.json is not None:
-        _check_output_file(parser, "--json", args.json)
+        check_output_file(parser, "--json", args.json)
     if args.out is not None:
-        _check_output_dir(parser, "--out", args.out)
+        check_output_dir(parser, "--out", args.out)
     cases = [c for c in suite(args.quick) if args.only is None or args.only in c.name]
     if not cases:  # before anything is measured: a usage error answered at once
         names = ", ".join(repr(c.name) for c in suite(args.quick))
         parser.error(f"--only {args.only!r} matches no case; the cases are {names}")
-    print(_machine_line(), flush=True)
+    print(machine_line(), flush=True)
     if not args.bf16 and any(c.dtype == torch.bfloat16 for c in cases):
         why = bf16_emulated()
         if why is not None:
