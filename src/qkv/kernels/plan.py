@@ -41,7 +41,10 @@ class TileConfig:
     # 256 × 256 was within ~10% of the fastest forward in every workload but the 1024-key
     # window (95 ms against 77 with 64 × 64 tiles), and the fastest or within 7%
     # forward+backward, where small tiles lose (the backward recomputes each overlapping
-    # key span: 561 ms with 64 × 64 tiles against 420 for that window).
+    # key span: 561 ms with 64 × 64 tiles against 420 for that window). Re-measured with
+    # the AVX2 build of the native kernel (docs/bench/2026-12-01-tile-sizes-zen4-avx2-build.md):
+    # the same picture (1024-key window 142 ms against 113 forward, 554 against 533
+    # forward+backward; 32-row sub-blocks fastest again), so both ISAs share the defaults.
     block_q: int = 256
     block_k: int = 256
     # Rows of the sub-blocks masked blocks are cut into, each reading only the keys its
