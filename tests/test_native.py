@@ -206,8 +206,9 @@ def test_tiled_jobs_on_native_equal_torchs_fused_kernel(mask_name, monkeypatch, 
 def test_dispatch_reasons():
     q = torch.randn(1, 2, 64, 16)
     choice = qkv.explain(q, q, q)
-    decoding = qkv.explain(q[:, :, :31], q, q)
-    assert decoding.name == "fused" and "fewer than 32 queries" in decoding.reason
+    fewest = native.min_rows() if WHY is None else max(native.MIN_ROWS_BY_ISA.values())
+    decoding = qkv.explain(q[:, :, : fewest - 1], q, q)
+    assert decoding.name == "fused" and f"fewer than {fewest} queries" in decoding.reason
     if WHY is None:
         assert choice.name == "native"
         assert qkv.explain(q, q, q, causal=True).name == "native"
@@ -475,3 +476,10 @@ def test_asking_without_building_agrees_where_nothing_can_be_built():
     if WHY is None:
         pytest.skip("the kernel builds here: test_build_is_cached_and_written_whole covers it")
     assert native.unavailable(build=False) == WHY
+
+
+def test_the_quick_path_mirrors_the_fewest_rows_any_build_takes():
+    from qkv import _validate
+
+    assert native.MIN_ROWS == min(native.MIN_ROWS_BY_ISA.values()) == _validate._NATIVE_MIN_ROWS
+    assert set(native.MIN_ROWS_BY_ISA) == set(native.ISAS)

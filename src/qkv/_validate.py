@@ -16,7 +16,7 @@ from ._types import Problem, plain_tensors
 # Mirrors of the dispatch's thresholds (kernels/fused.py, kernels/native.py), read here so
 # that the quick path below never imports the kernels' modules on the hot path.
 _POISON_BELOW_KEYS = 64
-_NATIVE_MIN_ROWS = 32
+_NATIVE_MIN_ROWS = 16  # native.MIN_ROWS: the fewest any of its builds takes
 
 __all__ = ["build_problem", "quick_sdpa"]
 

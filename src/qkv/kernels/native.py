@@ -13,7 +13,7 @@ sub-blocks ~25% faster (`qkv bench`, benchmarks/tile_sizes.py).
 
 It serves two callers:
 - this module's `run`, the "native" entry of the dispatch: float32 CPU forwards of at
-  least MIN_ROWS queries without a mask or with plain causal masking (Tq ≤ Tk), when no
+  least min_rows() queries without a mask or with plain causal masking (Tq ≤ Tk), when no
   gradient is needed (torch's fused forward and backward run those), neither weights,
   bias nor dropout are asked, and the tensors are plain (no vmap, forward-mode AD,
   torch.compile tracing or subclass: `_types.plain_tensors`);
@@ -55,10 +55,12 @@ from .._types import AttentionOutput, Problem
 __all__ = [
     "ISAS",
     "MIN_ROWS",
+    "MIN_ROWS_BY_ISA",
     "ROWS",
     "build",
     "forward",
     "isa",
+    "min_rows",
     "run",
     "unavailable",
     "unsupported",
@@ -85,11 +87,19 @@ PORTABLE = {
 # native.cpp computes at a time (64 with AVX-512, 32 with AVX2).
 ROWS = 64
 
-# Fewest queries (per batch and head, or per block of a tiled job) worth the native kernel:
-# its vectors run across queries, so few queries leave lanes idle. Against 2048 and 32,768
-# keys (B=4, H=8) it was 1.1-4× slower than torch's kernel below 32 queries (decoding) and
-# 0.94-0.99× at 32 (AVX-512).
-MIN_ROWS = 32
+# Fewest queries (per batch and head, or per block of a tiled job) worth the native kernel,
+# per ISA: its vectors run across queries, so few queries leave lanes idle. Against 2048
+# and 32,768 keys (B=4, H=8; 2026-12-01, Zen 4) the AVX-512 build took 1.4-1.6× torch's
+# time at 16 queries, 0.83-0.97× at 24 and 0.72× at 32; the AVX2 build, with vectors
+# half as wide, 0.74-0.92× already at 16.
+MIN_ROWS_BY_ISA = {"avx512": 32, "avx2": 16}
+MIN_ROWS = min(MIN_ROWS_BY_ISA.values())  # the fewest any build takes (a cheap pre-filter)
+
+
+def min_rows() -> int:
+    """Fewest queries the native kernel takes with this machine's build."""
+    return MIN_ROWS_BY_ISA.get(isa()[0] or "", max(MIN_ROWS_BY_ISA.values()))
+
 
 # Columns of a transposed mask tile (native.forward's mask_t) are rows rounded up to this:
 # a whole number of vectors on either ISA.
@@ -362,8 +372,10 @@ def unsupported(p: Problem, *, build: bool = True) -> str | None:
         return "no keys"
     if p.Tq < MIN_ROWS:
         return f"fewer than {MIN_ROWS} queries (decoding): torch's kernel is faster there"
-    if not p.direct:
+    if not p.direct:  # before anything that reads the machine: tracing must not reach it
         return "inside vmap, forward-mode AD or torch.compile, or a tensor subclass"
+    if p.Tq < min_rows():
+        return f"fewer than {min_rows()} queries (decoding): torch's kernel is faster there"
     if p.dtype != torch.float32:
         return "float32 only"
     if p.device.type != "cpu":

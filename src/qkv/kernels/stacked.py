@@ -119,27 +119,27 @@ def _calls(x, job: Job, B: int):
 
 def _native_ready(x, jobs: Jobs, dtype) -> bool:
     """Whether native.cpp may run jobs of this call: float32 on the CPU, plain tensors, and
-    a job of at least MIN_ROWS queries to run (only then is it built, right before its
-    first call). Asked once per call: the check reads the machine's state."""
+    a job of at least native.min_rows() queries to run (only then is it built, right before
+    its first call). Asked once per call: the check reads the machine's state."""
     return (
         dtype == torch.float32
         and x.q.dtype == torch.float32
         and x.q.device.type == "cpu"
-        and any(job.rows >= native.MIN_ROWS and job.keys > 0 for job in jobs.fine)
-        and plain_tensors(x.q, x.k, x.v)
+        and plain_tensors(x.q, x.k, x.v)  # first: the checks below read the machine
+        and any(job.rows >= native.min_rows() and job.keys > 0 for job in jobs.fine)
         and native.unavailable() is None
     )
 
 
 def _native(x, jobs: Jobs, i: int, ready: bool) -> bool:
-    """Whether fine job i runs on native.cpp (evenly spaced blocks of at least MIN_ROWS
-    queries): where it is built, it was faster than torch's fused kernel on every such job
-    of the plans measured (windows, documents, causal)."""
+    """Whether fine job i runs on native.cpp (evenly spaced blocks of at least
+    native.min_rows() queries): where it is built, it was faster than torch's fused kernel
+    on every such job of the plans measured (windows, documents, causal)."""
     job = jobs.fine[i]
     return (
         ready
         and job.keys > 0
-        and job.rows >= native.MIN_ROWS
+        and job.rows >= native.min_rows()
         and jobs.native_job(i)[0] is not None  # evenly spaced blocks
     )
 
