@@ -598,7 +598,7 @@ NOT_AUDITED = {
     "qkv.AttentionOutput": "frozen result dataclass, built only by the kernels",
     "qkv.KernelChoice": "frozen result dataclass returned by qkv.explain",
     "qkv.CheckReport": "frozen result dataclass returned by qkv.check",
-    "qkv.nn.generate.EncoderDecoderDecoding": "a mixin: start_decoding validates through encode",
+    "qkv.nn.generate.Seq2Seq": "a mixin: its forward checks tokens, start_decoding goes through encode",
     "qkv.masks.EMPTY": "tile-kind constant",
     "qkv.masks.FULL": "tile-kind constant",
     "qkv.masks.PARTIAL": "tile-kind constant",

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..nn import AdditiveAttention, KVCache
-from ..nn.generate import EncoderDecoderDecoding
+from ..nn.generate import Seq2Seq, check_tokens
 
 __all__ = ["RNNConfig", "RNNEncoded", "RNNEncoderDecoder", "RNNState"]
 
@@ -120,15 +120,7 @@ class RNNState(KVCache):
         return f"RNNState(length={self.length}, state={shape})"
 
 
-def _check_tokens(tokens, name: str) -> None:
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int):
-        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise TypeError(f"{name} must be an integer tensor (B, T); got {got}")
-    if tokens.dim() != 2:
-        raise ValueError(f"{name} must have shape (B, T); got {tuple(tokens.shape)}")
-
-
-class RNNEncoderDecoder(EncoderDecoderDecoding, nn.Module):
+class RNNEncoderDecoder(Seq2Seq, nn.Module):
     """GRU encoder-decoder with Bahdanau attention for sequence-to-sequence tasks.
 
     forward(src (B, S), tgt (B, T)) -> logits (B, T, V_tgt): position t predicts tgt[:, t+1]
@@ -156,7 +148,7 @@ class RNNEncoderDecoder(EncoderDecoderDecoding, nn.Module):
         The mask defaults to src != pad. Sources are right-padded: padded rows go through
         the GRU packed, so each direction reads only the real tokens.
         """
-        _check_tokens(src, "src")
+        check_tokens(src, "src")
         if src_mask is None:
             src_mask = src != self.config.pad_id  # (B, S) True = real token
         if src_mask.shape != src.shape or src_mask.dtype != torch.bool:
@@ -190,7 +182,7 @@ class RNNEncoderDecoder(EncoderDecoderDecoding, nn.Module):
         With a cache, tgt holds only the new tokens and the state continues from it. With
         `need_weights`, also the attention weights (B, T, S) of every step.
         """
-        _check_tokens(tgt, "tgt")
+        check_tokens(tgt, "tgt")
         if not isinstance(encoded, RNNEncoded):
             raise TypeError(
                 f"encoded must be the RNNEncoded that encode() returns; got "
@@ -224,19 +216,6 @@ class RNNEncoderDecoder(EncoderDecoderDecoding, nn.Module):
             S = encoded.memory.shape[1]
             return logits, torch.cat(weights, dim=1) if weights else y.new_zeros(B, 0, S)
         return logits
-
-    def forward(
-        self, src: torch.Tensor, tgt: torch.Tensor, *, src_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """src (B, S), tgt (B, T) -> logits (B, T, V_tgt)."""
-        _check_tokens(src, "src")
-        _check_tokens(tgt, "tgt")
-        if src.shape[0] != tgt.shape[0]:
-            raise ValueError(
-                f"src (B, S) and tgt (B, T) must have the same batch size B; got src "
-                f"{tuple(src.shape)} and tgt {tuple(tgt.shape)}"
-            )
-        return self.decode(tgt, self.encode(src, src_mask=src_mask))
 
     def new_cache(self, *, capacity: int | None = None) -> RNNState:
         """An empty decoder state (`capacity` is accepted for the Transformer's signature:

@@ -26,7 +26,7 @@ import torch
 
 from .cache import KVCache
 
-__all__ = ["BeamSearchResult", "DecodingSession", "EncoderDecoderDecoding", "beam_search", "greedy"]
+__all__ = ["BeamSearchResult", "DecodingSession", "Seq2Seq", "beam_search", "greedy"]
 
 
 class DecodingSession:
@@ -274,11 +274,33 @@ def beam_search(
     return BeamSearchResult(out, scores)
 
 
-class EncoderDecoderDecoding:
-    """`start_decoding` for an encoder-decoder module that has `encode(src, src_mask=)`
+def check_tokens(tokens, name: str) -> None:
+    """A (B, T) integer tensor of token ids, else TypeError/ValueError naming `name`."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int):
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"{name} must be an integer tensor (B, T); got {got}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, T); got {tuple(tokens.shape)}")
+
+
+class Seq2Seq:
+    """What the encoder-decoders share (the Transformer, the demo's GRU model): `forward`
+    with teacher forcing and `start_decoding`, given the module's `encode(src, src_mask=)`
     (returning something with `.memory` and `.repeat_interleave`), `decode(tokens, encoded,
-    cache=)`, `new_cache(capacity=)` and a `config` with bos/eos/pad ids: the Transformer
-    and the demo's GRU encoder-decoder decode through the same session."""
+    cache=)`, `new_cache(capacity=)` and a `config` with bos/eos/pad ids."""
+
+    def forward(
+        self, src: torch.Tensor, tgt: torch.Tensor, *, src_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """src (B, S), tgt (B, T) -> logits (B, T, V_tgt)."""
+        check_tokens(src, "src")
+        check_tokens(tgt, "tgt")
+        if src.shape[0] != tgt.shape[0]:
+            raise ValueError(
+                f"src (B, S) and tgt (B, T) must have the same batch size B; got src "
+                f"{tuple(src.shape)} and tgt {tuple(tgt.shape)}"
+            )
+        return self.decode(tgt, self.encode(src, src_mask=src_mask))  # type: ignore[attr-defined]
 
     def start_decoding(
         self,

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .generate import DecodingSession, EncoderDecoderDecoding
+from .generate import DecodingSession, Seq2Seq, check_tokens
 from .layers import (
     TransformerDecoder,
     TransformerDecoderLayer,
@@ -150,15 +150,6 @@ def _check_config(config) -> None:
         raise ValueError(f"positional='rope' needs an even head dim; got E/H = {E // H}")
 
 
-def _check_tokens(tokens, name: str) -> None:
-    """A (B, T) integer tensor (the ids' range is checked by `Embeddings`)."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int):
-        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise TypeError(f"{name} must be an integer tensor (B, T); got {got}")
-    if tokens.dim() != 2:
-        raise ValueError(f"{name} must have shape (B, T); got {tuple(tokens.shape)}")
-
-
 class Embeddings(nn.Module):
     """Token ids (B, T) -> vectors (B, T, E): lookup, optional sqrt(E) scale, positions, dropout.
 
@@ -209,7 +200,7 @@ class Embeddings(nn.Module):
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """tokens (B, T) long, the first at position `offset` -> (B, T, E)."""
-        _check_tokens(tokens, "tokens")
+        check_tokens(tokens, "tokens")
         V = self.token.num_embeddings
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
             raise ValueError(
@@ -269,7 +260,7 @@ def _final_norm(config) -> nn.Module | None:
     return nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps) if config.norm_first else None
 
 
-class Transformer(EncoderDecoderDecoding, nn.Module):
+class Transformer(Seq2Seq, nn.Module):
     """The encoder-decoder Transformer for sequence-to-sequence tasks (translation).
 
     forward(src (B, S), tgt (B, T)) -> logits (B, T, V_tgt): position t predicts tgt[:, t+1]
@@ -300,7 +291,7 @@ class Transformer(EncoderDecoderDecoding, nn.Module):
 
     def encode(self, src: torch.Tensor, *, src_mask: torch.Tensor | None = None) -> Encoded:
         """src (B, S) -> Encoded(memory (B, S, E), mask (B, S)); mask defaults to src != pad."""
-        _check_tokens(src, "src")
+        check_tokens(src, "src")
         if src_mask is None:
             src_mask = src != self.config.pad_id  # (B, S) True = real token
         memory = self.encoder(self.src_embed(src), mask=src_mask)  # (B, S, E)
@@ -310,7 +301,7 @@ class Transformer(EncoderDecoderDecoding, nn.Module):
         self, tgt: torch.Tensor, encoded: Encoded, *, cache: KVCache | None = None
     ) -> torch.Tensor:
         """tgt (B, T) -> logits (B, T, V). With a cache, tgt holds only the new tokens."""
-        _check_tokens(tgt, "tgt")
+        check_tokens(tgt, "tgt")
         if not isinstance(encoded, Encoded):
             raise TypeError(
                 f"encoded must be the Encoded that encode() returns; got {type(encoded).__name__}"
@@ -324,19 +315,6 @@ class Transformer(EncoderDecoderDecoding, nn.Module):
         y = self.tgt_embed(tgt, offset=offset)  # (B, T, E)
         h = self.decoder(y, encoded.memory, memory_mask=encoded.mask, causal=True, cache=cache)
         return self.head(h)  # (B, T, V)
-
-    def forward(
-        self, src: torch.Tensor, tgt: torch.Tensor, *, src_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """src (B, S), tgt (B, T) -> logits (B, T, V_tgt)."""
-        _check_tokens(src, "src")
-        _check_tokens(tgt, "tgt")
-        if src.shape[0] != tgt.shape[0]:
-            raise ValueError(
-                f"src (B, S) and tgt (B, T) must have the same batch size B; got src "
-                f"{tuple(src.shape)} and tgt {tuple(tgt.shape)}"
-            )
-        return self.decode(tgt, self.encode(src, src_mask=src_mask))
 
     def new_cache(self, *, capacity: int | None = None) -> KVCache:
         """An empty KVCache for this model's decoder (see `qkv.nn.cache`)."""
