@@ -31,9 +31,8 @@ from itertools import pairwise
 
 import torch
 
-from ..nn import beam_search, greedy
 from .dates import CHINESE_DIGITS, FORMS, MONTHS, Example, Vocab
-from .train import TARGET_LEN, _encode_batch
+from .train import _encode_batch, decode_ids
 
 __all__ = [
     "LOW_CONFIDENCE",
@@ -201,11 +200,7 @@ def token_probabilities(model, src_ids: torch.Tensor, out_ids: torch.Tensor) -> 
 def _decode(model, texts: Sequence[str], src: Vocab, beam: int) -> list[tuple[list[int], float]]:
     """(decoded ids, confidence) per text, decoded as one batch."""
     tokens = _encode_batch(texts, src)  # (B, S)
-    max_new = TARGET_LEN + 1  # ten characters and EOS
-    if beam > 1:
-        out = beam_search(model, tokens, max_new_tokens=max_new, num_beams=beam).tokens
-    else:
-        out = greedy(model, tokens, max_new_tokens=max_new)  # (B, 1 + n)
+    out = decode_ids(model, tokens, beam)  # (B, 1 + n)
     confidence = token_probabilities(model, tokens, out).prod(dim=1)  # (B,)
     return list(zip(out.tolist(), confidence.tolist(), strict=True))
 

@@ -590,13 +590,17 @@ def translate(
     if not texts:
         return []
     model.eval()
-    tokens = _encode_batch(texts, src)  # (B, S)
-    max_new = TARGET_LEN + 1  # ten characters and EOS
-    if beam > 1:
-        out = beam_search(model, tokens, max_new_tokens=max_new, num_beams=beam).tokens
-    else:
-        out = greedy(model, tokens, max_new_tokens=max_new)  # (B, 1 + n)
+    out = decode_ids(model, _encode_batch(texts, src), beam)  # (B, 1 + n)
     return [tgt.decode(row) for row in out.tolist()]
+
+
+def decode_ids(model, tokens: torch.Tensor, beam: int) -> torch.Tensor:
+    """Source ids (B, S) -> decoded ids (B, 1 + n), BOS first: greedy with a KV cache, or
+    beam search with `beam` > 1; at most the ten characters of a date and EOS."""
+    max_new = TARGET_LEN + 1
+    if beam > 1:
+        return beam_search(model, tokens, max_new_tokens=max_new, num_beams=beam).tokens
+    return greedy(model, tokens, max_new_tokens=max_new)
 
 
 @dataclass(frozen=True)
